@@ -1,0 +1,41 @@
+#!/bin/sh
+# Render the site config, then run the command (nginx by default; "nginx -t" to check).
+# Like nginx's official image: /etc/nginx/templates/*.template -> /etc/nginx/conf.d/*.conf.
+set -eu
+
+# PUBLIC_HOSTNAME ("host[:port],...") -> a map of allowed Host headers. An entry without a
+# port allows that host on any port; unset allows any host (first start on a fresh clone).
+render_hosts_map() {
+    echo 'map $http_host $mlflow_host_allowed {'
+    entries=$(printf '%s' "${PUBLIC_HOSTNAME:-}" | tr ',' ' ')
+    if [ -z "$(printf '%s' "$entries" | tr -d ' ')" ]; then
+        echo '    default 1;'
+    else
+        echo '    default 0;'
+        for entry in $entries; do
+            if ! printf '%s\n' "$entry" | grep -Eq '^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$'; then
+                echo "docker-entrypoint: PUBLIC_HOSTNAME: '$entry' is not host[:port]" >&2
+                return 1
+            fi
+            pattern=$(printf '%s' "$entry" | sed -e 's/[].[]/\\&/g')
+            if printf '%s\n' "$entry" | grep -Eq '(^[^[]*|\]):[0-9]+$'; then
+                port_part=''
+            else
+                port_part='(:[0-9]+)?'
+            fi
+            echo "    \"~*^${pattern}${port_part}\$\" 1;"
+        done
+    fi
+    echo '}'
+}
+
+render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
+
+# Only our variables are substituted, so nginx's own $variables survive.
+variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT}'
+for template in /etc/nginx/templates/*.template; do
+    target="/etc/nginx/conf.d/$(basename "$template" .template)"
+    envsubst "$variables" < "$template" > "$target"
+done
+
+exec "$@"

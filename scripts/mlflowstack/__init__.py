@@ -1,0 +1,1 @@
+"""Shared code of the MLflow stack: users store, access rules, gate, stackctl."""

@@ -1,0 +1,121 @@
+"""stackctl's command line: the parser and the dispatch, no logic (that is in commands.py).
+
+Contract: every failure is one line ``stackctl: ...`` on stderr and exit status 1 (2 for usage
+errors, from argparse); nothing is written when a command fails.
+"""
+
+import argparse
+import sys
+
+from mlflowstack import commands
+from mlflowstack.files import BundleError
+from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stackctl",
+        description="Users, API tokens and settings of the MLflow stack.",
+        epilog="User and token commands run inside the stack's auth image through "
+        "'docker compose run' unless --users-dir (or USERS_DIR) names a directory here.",
+    )
+    parser.add_argument("--users-dir", help="work on this users directory directly")
+    parser.add_argument("--project-dir", default=None, help="the bundle (default: this repo)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create what a fresh install lacks (.env, first admin)")
+    init.add_argument("--force", action="store_true", help="replace .env from .env.example")
+    init.set_defaults(run=commands.init)
+
+    bootstrap = sub.add_parser("bootstrap", help="create the first admin if there is no user")
+    bootstrap.set_defaults(run=commands.bootstrap)
+
+    user = sub.add_parser("user", help="manage users").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    add = user.add_parser("add", help="add a user (prompts for the password)")
+    add.add_argument("name")
+    add.add_argument("--role", default=DEFAULT_ROLE, help=f"{'|'.join(ROLES)} ({DEFAULT_ROLE})")
+    _password_options(add)
+    add.set_defaults(run=commands.user_add)
+    passwd = user.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("name")
+    _password_options(passwd)
+    passwd.set_defaults(run=commands.user_passwd)
+    role = user.add_parser("role", help="change a user's role")
+    role.add_argument("name")
+    role.add_argument("role", help="|".join(ROLES))
+    role.set_defaults(run=commands.user_role)
+    for action, run, text in (
+        ("remove", commands.user_remove, "remove a user"),
+        ("disable", commands.user_disable, "refuse a user, keeping the password"),
+        ("enable", commands.user_enable, "accept a disabled user again"),
+    ):
+        parser_ = user.add_parser(action, help=text)
+        parser_.add_argument("name")
+        parser_.set_defaults(run=run)
+    listing = user.add_parser("list", help="list users (never hashes)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=commands.user_list)
+
+    token = sub.add_parser("token", help="manage API tokens").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    token_add = token.add_parser("add", help="create a token; it is printed once")
+    token_add.add_argument("name")
+    token_add.add_argument("--role", default=DEFAULT_ROLE, help=f"{'|'.join(ROLES)}")
+    token_add.add_argument("--expires", type=int, metavar="DAYS", help="expire after DAYS")
+    token_add.set_defaults(run=commands.token_add)
+    token_remove = token.add_parser("remove", help="revoke a token")
+    token_remove.add_argument("name")
+    token_remove.set_defaults(run=commands.token_remove)
+    token_list = token.add_parser("list", help="list tokens (never secrets)")
+    token_list.add_argument("--json", action="store_true")
+    token_list.set_defaults(run=commands.token_list)
+
+    config = sub.add_parser("config", help="render or check the settings").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    config.add_parser("render", help="print the effective settings").set_defaults(
+        run=commands.config_render
+    )
+    config.add_parser("check", help="validate compose and nginx settings").set_defaults(
+        run=commands.config_check
+    )
+    return parser
+
+
+def _password_options(parser: argparse.ArgumentParser) -> None:
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--password-stdin", action="store_true", help="read one line from stdin")
+    how.add_argument("--generate", action="store_true", help="print a random password once")
+    parser.add_argument(
+        "--cost", type=int, default=MIN_BCRYPT_COST, help=f"bcrypt cost (>= {MIN_BCRYPT_COST})"
+    )
+
+
+def _command_words(argv: list[str]) -> list[str]:
+    """The words after the global options, to hand on to stackctl inside the auth image."""
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--project-dir", "--users-dir"):
+            skip = True
+        elif not word.startswith(("--project-dir=", "--users-dir=")):
+            words.append(word)
+    return words
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = _command_words(argv)
+    try:
+        return args.run(args) or 0
+    except BundleError as error:
+        print(f"stackctl: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stackctl: interrupted, nothing changed", file=sys.stderr)
+        return 130

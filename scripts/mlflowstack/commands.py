@@ -1,0 +1,266 @@
+"""What each stackctl command does. Each function takes the parsed arguments and returns an
+exit status, or raises BundleError with the one line to show.
+
+Where the work happens: user and token commands need the users volume and bcrypt, which a
+host with only Docker and a stock python3 lacks. So, unless a users directory is given
+(``--users-dir`` or ``USERS_DIR``, as inside the auth image), they run themselves again inside
+the auth image with ``docker compose run --rm -T stackctl ...``. Passwords typed at a prompt
+cross that boundary on stdin only, never in arguments or the environment.
+"""
+
+import getpass
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflowstack.files import PUBLIC_MODE, SECRET_MODE, BundleError, create_file
+from mlflowstack.users import UserStore, validate_name, validate_password
+
+INITIAL_ADMIN = "admin"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def generate_password() -> str:
+    """24 URL-safe characters: 144 random bits, and no character a shell or .env mangles."""
+    return secrets.token_urlsafe(18)
+
+
+def _local_store(args) -> UserStore | None:
+    directory = args.users_dir or os.environ.get("USERS_DIR")
+    return UserStore(Path(directory)) if directory else None
+
+
+def _project_dir(args) -> Path:
+    return Path(args.project_dir) if args.project_dir else REPO_ROOT
+
+
+def _compose(args, *compose_args: str, stdin_text: str | None = None) -> int:
+    command = ["docker", "compose", "--project-directory", str(_project_dir(args)), *compose_args]
+    try:
+        completed = subprocess.run(
+            command,
+            input=stdin_text,
+            stdin=None if stdin_text is not None else subprocess.DEVNULL,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise BundleError("docker is not installed here; or pass --users-dir") from None
+    return completed.returncode
+
+
+def _in_auth_image(args, argv: list[str], stdin_text: str | None = None) -> int:
+    return _compose(args, "run", "--rm", "-T", "--no-deps", "stackctl", *argv, stdin_text=stdin_text)
+
+
+def _read_new_password(args) -> str | None:
+    """The password from stdin or two prompts; None when one is to be generated."""
+    if args.generate:
+        return None
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+    else:
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise BundleError("the two passwords differ")
+    validate_password(password)
+    return password
+
+
+def _change_password(args, apply) -> int:
+    """Shared by add and passwd: read the password where the user is, apply it in the store."""
+    validate_name(args.name)
+    password = _read_new_password(args)
+    store = _local_store(args)
+    if store is None:
+        argv = [a for a in args.argv if a not in ("--password-stdin", "--generate")]
+        if password is None:
+            return _in_auth_image(args, [*argv, "--generate"])
+        return _in_auth_image(args, [*argv, "--password-stdin"], stdin_text=password + "\n")
+    shown = password is None
+    password = password or generate_password()
+    user = apply(store, password)
+    print(f"{args.command} {args.action}: {user.name} ({user.role})", file=sys.stderr)
+    if shown:
+        print(password)
+    return 0
+
+
+def user_add(args) -> int:
+    return _change_password(
+        args, lambda store, password: store.add_user(args.name, password, args.role, args.cost)
+    )
+
+
+def user_passwd(args) -> int:
+    def apply(store: UserStore, password: str):
+        user = store.set_password(args.name, password, args.cost)
+        if args.name == INITIAL_ADMIN:
+            # The first-run password file no longer tells the truth: remove it.
+            store.initial_password_path.unlink(missing_ok=True)
+        return user
+
+    return _change_password(args, apply)
+
+
+def _store_or_delegate(args):
+    store = _local_store(args)
+    if store is None:
+        sys.exit(_in_auth_image(args, args.argv))
+    return store
+
+
+def user_role(args) -> int:
+    _store_or_delegate(args).set_role(args.name, args.role)
+    print(f"user {args.name}: role {args.role}", file=sys.stderr)
+    return 0
+
+
+def user_remove(args) -> int:
+    _store_or_delegate(args).remove_user(args.name)
+    print(f"user {args.name}: removed", file=sys.stderr)
+    return 0
+
+
+def user_disable(args) -> int:
+    _store_or_delegate(args).set_enabled(args.name, False)
+    print(f"user {args.name}: disabled", file=sys.stderr)
+    return 0
+
+
+def user_enable(args) -> int:
+    _store_or_delegate(args).set_enabled(args.name, True)
+    print(f"user {args.name}: enabled", file=sys.stderr)
+    return 0
+
+
+def user_list(args) -> int:
+    users = _store_or_delegate(args).load_users()
+    rows = [
+        {
+            "name": u.name,
+            "role": u.role,
+            "enabled": u.can_log_in,
+            "scheme": u.scheme,
+            "problem": u.problem,
+        }
+        for u in users.users.values()
+    ]
+    for problem in users.problems:
+        print(f"stackctl: warning: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<24} {'ROLE':<7} {'ENABLED':<8} SCHEME")
+    for row in rows:
+        enabled = "yes" if row["enabled"] else "no"
+        print(f"{row['name']:<24} {row['role']:<7} {enabled:<8} {row['scheme']}")
+    return 0
+
+
+def token_add(args) -> int:
+    secret = _store_or_delegate(args).add_token(args.name, args.role, args.expires)
+    print(f"token {args.name} ({args.role}) created; it is shown only now:", file=sys.stderr)
+    print(secret)
+    return 0
+
+
+def token_remove(args) -> int:
+    _store_or_delegate(args).remove_token(args.name)
+    print(f"token {args.name}: removed", file=sys.stderr)
+    return 0
+
+
+def token_list(args) -> int:
+    tokens = _store_or_delegate(args).load_tokens().values()
+    rows = [{"name": t.name, "role": t.role, "expires": t.expires} for t in tokens]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'NAME':<24} {'ROLE':<7} EXPIRES")
+    for row in rows:
+        expires = row["expires"]
+        when = time.strftime("%Y-%m-%d", time.gmtime(expires)) if expires else "never"
+        print(f"{row['name']:<24} {row['role']:<7} {when}")
+    return 0
+
+
+def bootstrap(args) -> int:
+    """Create the first admin with a random password if the users file has no user at all.
+
+    The password goes to a mode-0600 file in the users directory, never to a log.
+    """
+    store = _store_or_delegate(args)
+    if store.load_users().users:
+        print("bootstrap: users exist, nothing to do", file=sys.stderr)
+        return 0
+    password = generate_password()
+    create_file(store.initial_password_path, (password + "\n").encode(), SECRET_MODE, force=True)
+    try:
+        store.add_user(INITIAL_ADMIN, password, role="admin")
+    except BaseException:
+        store.initial_password_path.unlink(missing_ok=True)
+        raise
+    print(
+        f"bootstrap: created user {INITIAL_ADMIN!r} (admin); its password is in "
+        f"{store.initial_password_path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def init(args) -> int:
+    """Create .env from .env.example if missing, then the first admin if there is no user."""
+    project = _project_dir(args)
+    example = project / ".env.example"
+    if not example.is_file():
+        raise BundleError(f"{example}: missing; is --project-dir the bundle?")
+    env_file = project / ".env"
+    if create_file(env_file, example.read_bytes(), PUBLIC_MODE, force=args.force):
+        print(f"init: wrote {env_file} from .env.example", file=sys.stderr)
+    else:
+        print(f"init: {env_file} exists, kept (--force replaces it)", file=sys.stderr)
+    if _local_store(args) is not None:
+        return bootstrap(args)
+    return _in_auth_image(args, ["bootstrap"])
+
+
+def config_render(args) -> int:
+    """Print the nginx site config as the nginx image renders it from .env."""
+    return _compose(
+        args, "run", "--rm", "-T", "--no-deps", "nginx", "sh", "-c", "cat /etc/nginx/conf.d/*.conf"
+    )
+
+
+def config_check(args) -> int:
+    """``docker compose config -q``, then ``nginx -t`` on the config rendered from .env.
+
+    Upstreams point at loopback for the check: nginx resolves them at load, and the other
+    services need not run.
+    """
+    status = _compose(args, "config", "--quiet")
+    if status:
+        raise BundleError("docker compose config failed (see above)")
+    status = _compose(
+        args,
+        "run",
+        "--rm",
+        "-T",
+        "--no-deps",
+        "-e",
+        "SERVER_UPSTREAM=127.0.0.1:5000",
+        "-e",
+        "GATE_UPSTREAM=127.0.0.1:8000",
+        "nginx",
+        "nginx",
+        "-t",
+    )
+    if status:
+        raise BundleError("nginx -t failed (see above)")
+    print("config check: compose and nginx settings are valid", file=sys.stderr)
+    return 0

@@ -1,0 +1,214 @@
+"""The gate: nginx's ``auth_request`` target. It answers "who is this, and may they do this?"
+
+Contract (WSGI, served by gunicorn; see auth/gunicorn.conf.py):
+
+- ``GET /auth`` with the client's ``Authorization`` header and ``X-Original-Method`` /
+  ``X-Original-Path`` (nginx's normalized ``$uri``) answers 204 with ``X-Gate-User`` when the
+  credentials are valid and the role allows the request; 401 with a Basic challenge when they
+  are missing or wrong; 403 when the role forbids the request; 403 with
+  ``X-Gate-Reason: busy`` when every bcrypt slot is taken (nginx turns that into a 429,
+  since auth_request passes only 2xx/401/403 through).
+- ``GET /health`` answers 204.
+
+Speed without weakening the passwords: a verified ``Authorization`` header is remembered under
+an HMAC of the header (keyed per process, so the cache holds nothing that opens a door), and the
+whole cache is dropped as soon as the users or tokens file changes on disk. Wrong passwords are
+never cached, so each failed attempt costs one full bcrypt check; unknown or disabled users
+cost one check against a dummy hash of the same cost, so names cannot be probed by timing.
+"""
+
+import base64
+import binascii
+import hmac
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from mlflowstack import access
+from mlflowstack.users import (
+    MAX_PASSWORD_BYTES,
+    MIN_BCRYPT_COST,
+    Token,
+    User,
+    Users,
+    UserStore,
+    bcrypt_cost,
+    token_digest,
+)
+
+log = logging.getLogger("gate")
+
+BUSY = "busy"
+_CHALLENGE = 'Basic realm="MLflow", charset="UTF-8"'
+_CACHE_LIMIT = 10_000  # only valid credentials enter, so this bounds a pathological case
+_PLACEHOLDER = "not-a-password"
+_DUMMY_HASHES: dict[int, str] = {}
+
+
+def _bcrypt_verify(password: str, password_hash: str) -> bool:
+    from passlib.hash import bcrypt
+
+    return bcrypt.verify(password, password_hash)
+
+
+def _bcrypt_hash(password: str, cost: int) -> str:
+    from passlib.hash import bcrypt
+
+    return bcrypt.using(rounds=cost, ident="2y").hash(password)
+
+
+def _file_signature(path: Path):
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+class Gate:
+    """Credential checks against a users directory, with a cache tied to the files' state."""
+
+    def __init__(self, store: UserStore, bcrypt_slots: int = 1, verify=_bcrypt_verify):
+        self.store = store
+        self._verify = verify
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(bcrypt_slots)
+        self._signature: object = object()
+        self._users = Users({}, [])
+        self._tokens: dict[str, Token] = {}
+        self._dummy_cost = MIN_BCRYPT_COST
+        self._cache: dict[bytes, tuple[str, str]] = {}
+        self.dummy_hash(MIN_BCRYPT_COST)
+
+    @staticmethod
+    def dummy_hash(cost: int) -> str:
+        """A hash of no one's password at ``cost``, made once per process and cost."""
+        if cost not in _DUMMY_HASHES:
+            _DUMMY_HASHES[cost] = _bcrypt_hash(secrets.token_urlsafe(16), cost)
+        return _DUMMY_HASHES[cost]
+
+    def refresh(self) -> object:
+        """Reload the files if they changed since the last look; return their signature.
+
+        Two stat() calls per request: cheaper than any timer, and a change is seen by the very
+        next request (an atomic rename always gives a new inode).
+        """
+        signature = (
+            _file_signature(self.store.users_path),
+            _file_signature(self.store.tokens_path),
+        )
+        if signature != self._signature:
+            with self._lock:
+                if signature != self._signature:
+                    users = self.store.load_users()
+                    for problem in users.problems:
+                        log.warning("%s: %s", self.store.users_path, problem)
+                    costs = [bcrypt_cost(u.password_hash) or 0 for u in users.users.values()]
+                    self._dummy_cost = max([MIN_BCRYPT_COST, *costs])
+                    self._users, self._tokens = users, self.store.load_tokens()
+                    self._cache = {}
+                    self._signature = signature
+        return signature
+
+    def check_password(self, users: Users, name: str, password: str) -> User | None:
+        """Exactly one bcrypt check, whoever ``name`` is; the user when the password is right."""
+        user = users.users.get(name)
+        usable = (
+            user is not None
+            and user.can_log_in
+            and "\0" not in password
+            and len(password.encode("utf-8")) <= MAX_PASSWORD_BYTES
+        )
+        if usable:
+            return user if self._verify(password, user.password_hash) else None
+        self._verify(_PLACEHOLDER, self.dummy_hash(self._dummy_cost))
+        return None
+
+    def identify(self, authorization: str):
+        """Return (name, role) for valid credentials, None for invalid ones, or BUSY."""
+        signature = self.refresh()
+        scheme, _, credentials = authorization.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer":
+            token = self._tokens.get(token_digest(credentials.strip()))
+            if token is None or token.expired(time.time()):
+                return None
+            return (token.name, token.role)
+        if scheme != "basic":
+            return None
+        cache_key = hmac.digest(self._key, authorization.encode("utf-8", "replace"), "sha256")
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            return cached
+        name_password = _decode_basic(credentials)
+        if name_password is None:
+            return None
+        if not self._slots.acquire(blocking=False):
+            return BUSY
+        try:
+            users = self._users
+            user = self.check_password(users, *name_password)
+        finally:
+            self._slots.release()
+        if user is None:
+            return None
+        with self._lock:
+            # A check that began before the files changed must not refill the new cache.
+            if self._signature == signature and self._users is users:
+                if len(self._cache) >= _CACHE_LIMIT:
+                    self._cache = {}
+                self._cache[cache_key] = (user.name, user.role)
+        return (user.name, user.role)
+
+
+def _decode_basic(credentials: str) -> tuple[str, str] | None:
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    name, colon, password = decoded.partition(":")
+    return (name, password) if colon and name else None
+
+
+def _respond(start_response, status: str, headers: list[tuple[str, str]]):
+    start_response(status, [("Content-Length", "0"), *headers])
+    return [b""]
+
+
+def make_app(gate: Gate):
+    """The WSGI callable gunicorn serves."""
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/health":
+            return _respond(start_response, "204 No Content", [])
+        if path != "/auth":
+            return _respond(start_response, "404 Not Found", [])
+        identity = gate.identify(environ.get("HTTP_AUTHORIZATION", ""))
+        if identity is None:
+            return _respond(start_response, "401 Unauthorized", [("WWW-Authenticate", _CHALLENGE)])
+        if identity == BUSY:
+            return _respond(start_response, "403 Forbidden", [("X-Gate-Reason", BUSY)])
+        name, role = identity
+        method = environ.get("HTTP_X_ORIGINAL_METHOD", "GET")
+        original_path = environ.get("HTTP_X_ORIGINAL_PATH", "/")
+        user_header = ("X-Gate-User", name.encode("utf-8").decode("latin-1"))
+        if not access.allowed(role, method, original_path):
+            return _respond(start_response, "403 Forbidden", [user_header])
+        return _respond(start_response, "204 No Content", [user_header])
+
+    return app
+
+
+def create_app():
+    """gunicorn entry point: ``mlflowstack.gate:create_app()``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gate %(levelname)s %(message)s")
+    directory = Path(os.environ.get("USERS_DIR", "/var/lib/mlflow-stack/users"))
+    slots = int(os.environ.get("GATE_BCRYPT_SLOTS", "1"))
+    gate = Gate(UserStore(directory), bcrypt_slots=slots)
+    gate.refresh()
+    return make_app(gate)

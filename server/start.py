@@ -1,0 +1,164 @@
+"""Start the MLflow tracking server under gunicorn with uvicorn workers.
+
+Contract: reads its settings from the environment (see compose.yaml and .env.example),
+prepares the backend store once, then replaces itself with gunicorn serving
+``mlflow.server.fastapi_app:app`` on port 5000. Exits non-zero with one line on stderr when a
+setting is invalid.
+
+Why not ``mlflow server``: its launcher runs uvicorn's own multi-worker supervisor, which stalls
+~44 ms on every keep-alive request here, and its ``--gunicorn-opts`` path serves only the older
+Flask app (no streaming artifact router, no OTLP ``/v1/traces``). Serving the FastAPI app under
+gunicorn means doing by hand what ``mlflow server`` does before it spawns workers: the
+``_MLFLOW_SERVER_*`` environment, the database set-up and (optionally) the job runner. Those are
+MLflow internals, so the MLflow version is pinned and a stack test checks the full route set.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+# Internal variables that `mlflow server` hands to its workers (mlflow/server/constants.py).
+_BACKEND_STORE = "_MLFLOW_SERVER_FILE_STORE"
+_REGISTRY_STORE = "_MLFLOW_SERVER_REGISTRY_STORE"
+_ARTIFACT_ROOT = "_MLFLOW_SERVER_ARTIFACT_ROOT"
+_ARTIFACTS_DESTINATION = "_MLFLOW_SERVER_ARTIFACT_DESTINATION"
+_SERVE_ARTIFACTS = "_MLFLOW_SERVER_SERVE_ARTIFACTS"
+
+_HOST_ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
+
+
+class SettingError(ValueError):
+    """A setting from the environment cannot be used."""
+
+
+def parse_public_hostnames(value: str) -> list[tuple[str, str | None]]:
+    """Split ``PUBLIC_HOSTNAME`` (comma-separated ``host[:port]``) into (host, port) pairs.
+
+    An empty value means "any host" and gives an empty list. Raises SettingError on an entry
+    that is not a bare host name or address with an optional port (no scheme, no path).
+    """
+    pairs = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        match = _HOST_ENTRY.match(entry)
+        if not match or (match["port"] and not 0 < int(match["port"]) < 65536):
+            raise SettingError(f"PUBLIC_HOSTNAME: {entry!r} is not host[:port]")
+        pairs.append((match["name"].lower(), match["port"]))
+    return pairs
+
+
+def security_environment(public_hostname: str) -> dict[str, str]:
+    """MLflow's allowed-hosts and CORS settings derived from ``PUBLIC_HOSTNAME``.
+
+    nginx refuses foreign Host headers first; MLflow's own middleware stays on with the same
+    list so that it would also hold if the server were ever reached another way. A host without
+    a port matches it on any port. Unset means any host, for a first start on a fresh clone.
+    """
+    pairs = parse_public_hostnames(public_hostname)
+    if not pairs:
+        return {"MLFLOW_SERVER_ALLOWED_HOSTS": "*", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "*"}
+    hosts, origins = [], []
+    for name, port in pairs:
+        suffixes = [f":{port}"] if port else ["", ":*"]
+        # fnmatch treats "[" as a character class; IPv6 literals need it escaped.
+        pattern_name = name.replace("[", "[[]", 1)
+        for suffix in suffixes:
+            hosts.append((pattern_name if "*" in suffix else name) + suffix)
+            origins += [f"http://{name}{suffix}", f"https://{name}{suffix}"]
+    return {
+        "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(hosts),
+        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": ",".join(origins),
+    }
+
+
+def server_environment(env: dict[str, str]) -> dict[str, str]:
+    """The environment gunicorn's workers need, computed from the user-facing settings."""
+    backend_uri = env["MLFLOW_BACKEND_STORE_URI"]
+    derived = {
+        _BACKEND_STORE: backend_uri,
+        _REGISTRY_STORE: env.get("MLFLOW_REGISTRY_STORE_URI") or backend_uri,
+        # Clients get proxied "mlflow-artifacts:" URIs and stream through the server.
+        _ARTIFACT_ROOT: "mlflow-artifacts:/",
+        _ARTIFACTS_DESTINATION: env["MLFLOW_ARTIFACTS_DESTINATION"],
+        _SERVE_ARTIFACTS: "true",
+        "_MLFLOW_SGI_NAME": "uvicorn",
+        "_MLFLOW_IN_JOB_EXECUTOR": "false",
+        **security_environment(env.get("PUBLIC_HOSTNAME", "")),
+    }
+    return {**env, **derived}
+
+
+def job_execution_enabled(env: dict[str, str]) -> bool:
+    """Whether MLflow's background job runner should run (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``)."""
+    value = env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false").strip().lower()
+    if value not in {"true", "false", "1", "0", ""}:
+        raise SettingError(f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION: {value!r} is not true or false")
+    return value in {"true", "1"}
+
+
+def prepare_backend_store(env: dict[str, str]) -> None:
+    """Create or check the database once, before any worker starts.
+
+    Workers racing to create tables on a fresh SQLite file fail at random, so this runs first.
+    WAL lets readers proceed while one writer commits (MLflow already sets busy_timeout).
+    """
+    os.environ.update(env)
+    from mlflow.server.handlers import initialize_backend_stores
+
+    uri = env[_BACKEND_STORE]
+    initialize_backend_stores(uri, env[_REGISTRY_STORE], env[_ARTIFACT_ROOT])
+    if uri.startswith("sqlite:"):
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(uri).connect() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+
+def gunicorn_command() -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--config",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "gunicorn.conf.py"),
+        "mlflow.server.fastapi_app:app",
+    ]
+
+
+def run_with_job_runner(env: dict[str, str]) -> int:
+    """Run gunicorn as a child and MLflow's job runner beside it, as `mlflow server` does."""
+    from mlflow.server.jobs.utils import _check_requirements, _launch_job_execution_runner
+
+    _check_requirements(env[_BACKEND_STORE])
+    server = subprocess.Popen(gunicorn_command(), env=env)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda sig, _frame: server.send_signal(sig))
+    job_env = {
+        **env,
+        "MLFLOW_BACKEND_STORE_URI": env[_BACKEND_STORE],
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        "MLFLOW_GATEWAY_URI": "http://127.0.0.1:5000",
+    }
+    _launch_job_execution_runner(job_env, server.pid)
+    return server.wait()
+
+
+def main() -> int:
+    try:
+        env = server_environment(dict(os.environ))
+        with_jobs = job_execution_enabled(env)
+    except (SettingError, KeyError) as error:
+        print(f"start: {error}", file=sys.stderr)
+        return 2
+    prepare_backend_store(env)
+    if with_jobs:
+        return run_with_job_runner(env)
+    os.execve(sys.executable, gunicorn_command(), env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+import base64
+
+import pytest
+from mlflowstack import gate as gate_module
+from mlflowstack.gate import BUSY, Gate, make_app
+from mlflowstack.users import UserStore, bcrypt_cost
+
+
+def basic(name: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+
+
+class RecordingVerify:
+    """Wraps the real bcrypt check and records which hashes it was asked to check."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, password, password_hash):
+        self.calls.append(password_hash)
+        return gate_module._bcrypt_verify(password, password_hash)
+
+
+@pytest.fixture
+def users_dir(tmp_path, bcrypt_hash):
+    directory = tmp_path / "users"
+    directory.mkdir()
+    (directory / "htpasswd").write_text(
+        f"#role alice admin\nalice:{bcrypt_hash('right')}\n"
+        f"#role vera viewer\nvera:{bcrypt_hash('right')}\n"
+        f"off:!{bcrypt_hash('right')}\n"
+        "plain:right\n"
+    )
+    return directory
+
+
+@pytest.fixture
+def verify():
+    return RecordingVerify()
+
+
+@pytest.fixture
+def gate(users_dir, verify):
+    return Gate(UserStore(users_dir), bcrypt_slots=1, verify=verify)
+
+
+def test_identify_right_password_returns_user_and_role(gate):
+    assert gate.identify(basic("alice", "right")) == ("alice", "admin")
+
+
+def test_identify_second_request_served_from_cache(gate, verify):
+    gate.identify(basic("alice", "right"))
+    gate.identify(basic("alice", "right"))
+    assert len(verify.calls) == 1
+
+
+def test_identify_wrong_password_never_cached(gate, verify):
+    for _ in range(3):
+        assert gate.identify(basic("alice", "wrong")) is None
+    assert len(verify.calls) == 3
+
+
+def test_identify_wrong_password_after_right_one_refused(gate):
+    assert gate.identify(basic("alice", "right"))
+    assert gate.identify(basic("alice", "wrong")) is None
+
+
+@pytest.mark.parametrize(
+    "name,password",
+    [("nobody", "right"), ("off", "right"), ("plain", "right"), ("alice", "right\0extra")],
+)
+def test_identify_unusable_credentials_cost_one_check_at_full_cost(gate, verify, name, password):
+    assert gate.identify(basic(name, password)) is None
+    assert len(verify.calls) == 1
+    assert bcrypt_cost(verify.calls[0]) == 12
+
+
+def test_identify_unknown_user_costs_same_as_wrong_password(gate, verify):
+    gate.identify(basic("alice", "wrong"))
+    gate.identify(basic("nobody", "wrong"))
+    assert [bcrypt_cost(h) for h in verify.calls] == [12, 12]
+
+
+def test_identify_password_past_72_bytes_refused(gate, bcrypt_hash, users_dir):
+    long_password = "p" * 72
+    (users_dir / "htpasswd").write_text(f"long:{bcrypt_hash(long_password)}\n")
+    assert gate.identify(basic("long", long_password)) == ("long", "editor")
+    assert gate.identify(basic("long", long_password + "EXTRA")) is None
+    assert gate.identify(basic("long", long_password + "é")) is None
+
+
+@pytest.mark.parametrize(
+    "header", ["", "Basic", "Basic !!!", "Basic " + base64.b64encode(b"\xff:\xfe").decode(),
+               "Basic " + base64.b64encode(b"nocolon").decode(), "Digest abc", "Bearer nope"]
+)
+def test_identify_malformed_header_refused(gate, header):
+    assert gate.identify(header) is None
+
+
+def test_identify_cached_user_refused_after_removal(gate, users_dir):
+    assert gate.identify(basic("alice", "right"))
+    text = (users_dir / "htpasswd").read_text()
+    replacement = users_dir / "new"
+    replacement.write_text(text.replace("alice:", "#gone:"))
+    replacement.replace(users_dir / "htpasswd")
+    assert gate.identify(basic("alice", "right")) is None
+
+
+def test_identify_cache_holds_no_plaintext(gate):
+    gate.identify(basic("alice", "right"))
+    dumped = repr(gate._cache).encode()
+    assert b"right" not in dumped and basic("alice", "right").encode() not in dumped
+
+
+def test_identify_all_slots_busy_returns_busy_but_cached_user_passes(gate):
+    assert gate.identify(basic("alice", "right"))
+    gate._slots.acquire()
+    try:
+        assert gate.identify(basic("vera", "right")) == BUSY
+        assert gate.identify(basic("alice", "right")) == ("alice", "admin")
+    finally:
+        gate._slots.release()
+
+
+def test_identify_bearer_token_valid_and_revoked(gate, users_dir):
+    store = UserStore(users_dir)
+    secret = store.add_token("ci", "viewer", None)
+    assert gate.identify(f"Bearer {secret}") == ("ci", "viewer")
+    store.remove_token("ci")
+    assert gate.identify(f"Bearer {secret}") is None
+
+
+def test_identify_expired_token_refused(gate, users_dir, monkeypatch):
+    secret = UserStore(users_dir).add_token("ci", "editor", 1)
+    monkeypatch.setattr(gate_module.time, "time", lambda: 10**12)
+    assert gate.identify(f"Bearer {secret}") is None
+
+
+def call(app, authorization="", method="GET", path="/api/2.0/mlflow/experiments/search"):
+    seen = {}
+
+    def start_response(status, headers):
+        seen["status"], seen["headers"] = status, dict(headers)
+
+    environ = {
+        "PATH_INFO": "/auth",
+        "HTTP_AUTHORIZATION": authorization,
+        "HTTP_X_ORIGINAL_METHOD": method,
+        "HTTP_X_ORIGINAL_PATH": path,
+    }
+    app(environ, start_response)
+    return seen["status"].split()[0], seen["headers"]
+
+
+def test_app_no_credentials_401_with_challenge(gate):
+    status, headers = call(make_app(gate))
+    assert status == "401" and headers["WWW-Authenticate"].startswith("Basic ")
+
+
+def test_app_viewer_write_403_and_read_204(gate):
+    app = make_app(gate)
+    assert call(app, basic("vera", "right"), "POST", "/api/2.0/mlflow/runs/create")[0] == "403"
+    status, headers = call(app, basic("vera", "right"), "GET", "/api/2.0/mlflow/runs/get")
+    assert status == "204" and headers["X-Gate-User"] == "vera"
+
+
+def test_app_busy_403_with_reason(gate):
+    gate._slots.acquire()
+    try:
+        status, headers = call(make_app(gate), basic("vera", "right"))
+    finally:
+        gate._slots.release()
+    assert status == "403" and headers["X-Gate-Reason"] == "busy"
