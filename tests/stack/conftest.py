@@ -1,0 +1,111 @@
+"""The stack tier: build and start the real stack with pytest-docker, drive it from outside.
+
+Runs under its own compose project name, publishes on 127.0.0.1 only, and ends with
+``down -v``. Everything a test needs from inside the stack goes through ``docker compose``.
+"""
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = "mlflowstack-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PORT = int(os.environ.get("STACK_TEST_PORT") or _free_port())
+BASE_URL = f"http://127.0.0.1:{PORT}"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.stack)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file():
+    return str(ROOT / "compose.yaml")
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name():
+    return PROJECT
+
+
+@pytest.fixture(scope="session")
+def docker_setup():
+    os.environ.update(
+        HTTP_PORT=str(PORT),
+        BIND_ADDRESS="127.0.0.1",
+        PUBLIC_HOSTNAME=f"127.0.0.1:{PORT},localhost",
+    )
+    return ["up --build -d --wait"]
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup():
+    return ["down -v"]
+
+
+class Stack:
+    """The running test stack, seen from outside."""
+
+    url = BASE_URL
+
+    def compose(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        command = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "compose.yaml"), *args]
+        result = subprocess.run(command, input=input, capture_output=True, text=True, check=False)
+        if check and result.returncode:
+            raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def stackctl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        return self.compose("run", "--rm", "-T", "stackctl", *args, input=input, check=check)
+
+    def admin_password(self) -> str:
+        path = "/var/lib/mlflow-stack/users/initial-admin-password"
+        return self.compose("exec", "-T", "auth", "cat", path).strip()
+
+    def add_user(self, name: str, password: str, role: str = "editor") -> None:
+        self.stackctl("user", "add", name, "--role", role, "--password-stdin", input=password + "\n")
+
+    def wait_for_status(self, expected: int, auth, path="/api/2.0/mlflow/experiments/search"):
+        """Poll until a request gets ``expected``; return the seconds it took (at most 5)."""
+        start = time.monotonic()
+        while True:
+            status = requests.get(self.url + path, auth=auth, params={"max_results": 1}).status_code
+            elapsed = time.monotonic() - start
+            if status == expected or elapsed > 5:
+                assert status == expected, f"still {status} after {elapsed:.1f}s"
+                return elapsed
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def stack(docker_services):
+    return Stack()
+
+
+@pytest.fixture(scope="session")
+def admin(stack):
+    return ("admin", stack.admin_password())
+
+
+@pytest.fixture
+def mlflow_env(stack, admin, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    return stack
