@@ -166,10 +166,19 @@ class Gate:
 
 
 def _decode_basic(credentials: str) -> tuple[str, str] | None:
+    """Decode Basic credentials as UTF-8 (RFC 7617, what browsers send after our challenge).
+
+    Bytes that are not valid UTF-8 are read as Latin-1: Python's requests, and so the MLflow
+    client, encodes non-ASCII names and passwords that way. No valid UTF-8 text changes meaning.
+    """
     try:
-        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = base64.b64decode(credentials.strip(), validate=True)
+    except (binascii.Error, ValueError):
         return None
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = raw.decode("latin-1")
     name, colon, password = decoded.partition(":")
     return (name, password) if colon and name else None
 
