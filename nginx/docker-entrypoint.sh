@@ -6,6 +6,7 @@ set -eu
 # PUBLIC_HOSTNAME ("host[:port],...") -> a map of allowed Host headers. An entry without a
 # port allows that host on any port; unset allows any host (first start on a fresh clone).
 render_hosts_map() {
+    # shellcheck disable=SC2016  # $http_host is nginx's variable, not the shell's
     echo 'map $http_host $mlflow_host_allowed {'
     entries=$(printf '%s' "${PUBLIC_HOSTNAME:-}" | tr ',' ' ')
     if [ -z "$(printf '%s' "$entries" | tr -d ' ')" ]; then
@@ -32,6 +33,7 @@ render_hosts_map() {
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
 
 # Only our variables are substituted, so nginx's own $variables survive.
+# shellcheck disable=SC2016  # envsubst wants the names literally
 variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT}'
 for template in /etc/nginx/templates/*.template; do
     target="/etc/nginx/conf.d/$(basename "$template" .template)"

@@ -93,7 +93,7 @@ def server_environment(env: dict[str, str]) -> dict[str, str]:
 
 
 def job_execution_enabled(env: dict[str, str]) -> bool:
-    """Whether MLflow's background job runner should run (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``)."""
+    """Whether to run MLflow's job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``)."""
     value = env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false").strip().lower()
     if value not in {"true", "false", "1", "0", ""}:
         raise SettingError(f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION: {value!r} is not true or false")

@@ -54,7 +54,9 @@ def _compose(args, *compose_args: str, stdin_text: str | None = None) -> int:
 
 
 def _in_auth_image(args, argv: list[str], stdin_text: str | None = None) -> int:
-    return _compose(args, "run", "--rm", "-T", "--no-deps", "stackctl", *argv, stdin_text=stdin_text)
+    return _compose(
+        args, "run", "--rm", "-T", "--no-deps", "stackctl", *argv, stdin_text=stdin_text
+    )
 
 
 def _read_new_password(args) -> str | None:

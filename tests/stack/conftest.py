@@ -78,13 +78,22 @@ class Stack:
         return self.compose("exec", "-T", "auth", "cat", path).strip()
 
     def add_user(self, name: str, password: str, role: str = "editor") -> None:
-        self.stackctl("user", "add", name, "--role", role, "--password-stdin", input=password + "\n")
+        self.stackctl(
+            "user", "add", name, "--role", role, "--password-stdin", input=password + "\n"
+        )
 
     def wait_for_status(self, expected: int, auth, path="/api/2.0/mlflow/experiments/search"):
-        """Poll until a request gets ``expected``; return the seconds it took (at most 5)."""
+        """Poll until a request gets ``expected``; return the seconds it took (at most 5).
+
+        ``auth`` is a (user, password) pair or a whole Authorization header value.
+        """
+        headers = {"Authorization": auth} if isinstance(auth, str) else {}
+        auth = None if headers else auth
         start = time.monotonic()
         while True:
-            status = requests.get(self.url + path, auth=auth, params={"max_results": 1}).status_code
+            status = requests.get(
+                self.url + path, auth=auth, headers=headers, params={"max_results": 1}
+            ).status_code
             elapsed = time.monotonic() - start
             if status == expected or elapsed > 5:
                 assert status == expected, f"still {status} after {elapsed:.1f}s"

@@ -55,8 +55,9 @@ def test_healthz_foreign_host_200(stack):
 
 def test_valid_user_reaches_ui_and_api(stack, admin):
     assert requests.get(stack.url + "/", auth=admin).status_code == 200
-    response = requests.get(stack.url + "/api/2.0/mlflow/experiments/search?max_results=5",
-                            auth=admin)
+    response = requests.get(
+        stack.url + "/api/2.0/mlflow/experiments/search?max_results=5", auth=admin
+    )
     assert response.status_code == 200 and "experiments" in response.json()
 
 
@@ -81,8 +82,15 @@ def test_password_past_72_bytes_refused(stack):
 def test_plaintext_line_never_authenticates(stack):
     line = "plain-user:plaintext-secret\n"
     stack.compose(
-        "run", "--rm", "-T", "--entrypoint", "sh", "stackctl", "-c",
-        "cat >> /var/lib/mlflow-stack/users/htpasswd", input=line,
+        "run",
+        "--rm",
+        "-T",
+        "--entrypoint",
+        "sh",
+        "stackctl",
+        "-c",
+        "cat >> /var/lib/mlflow-stack/users/htpasswd",
+        input=line,
     )
     auth = ("plain-user", "plaintext-secret")
     listing = stack.stackctl("user", "list", "--json")
@@ -103,7 +111,14 @@ def test_user_added_then_removed_within_5_seconds(stack):
 def test_hand_added_htpasswd_line_logs_in_within_5_seconds(stack, bcrypt_hash):
     line = f"hand-user:{bcrypt_hash('hand-password')}\n"
     stack.compose(
-        "run", "--rm", "-T", "--entrypoint", "sh", "stackctl", "-c",
-        "cat >> /var/lib/mlflow-stack/users/htpasswd", input=line,
+        "run",
+        "--rm",
+        "-T",
+        "--entrypoint",
+        "sh",
+        "stackctl",
+        "-c",
+        "cat >> /var/lib/mlflow-stack/users/htpasswd",
+        input=line,
     )
     assert stack.wait_for_status(200, ("hand-user", "hand-password")) < 5

@@ -90,7 +90,15 @@ def test_identify_password_past_72_bytes_refused(gate, bcrypt_hash, users_dir):
 
 
 @pytest.mark.parametrize(
-    "header", ["", "Basic", "Basic !!!", "Basic " + base64.b64encode(b"nocolon").decode(), "Digest abc", "Bearer nope"]
+    "header",
+    [
+        "",
+        "Basic",
+        "Basic !!!",
+        "Basic " + base64.b64encode(b"nocolon").decode(),
+        "Digest abc",
+        "Bearer nope",
+    ],
 )
 def test_identify_malformed_header_refused(gate, header):
     assert gate.identify(header) is None
