@@ -1,0 +1,46 @@
+import pytest
+import start
+
+
+def test_security_environment_unset_allows_any_host():
+    env = start.security_environment("")
+    assert env["MLFLOW_SERVER_ALLOWED_HOSTS"] == "*"
+
+
+def test_security_environment_host_without_port_matches_any_port():
+    env = start.security_environment("mlflow.example.com")
+    assert env["MLFLOW_SERVER_ALLOWED_HOSTS"] == "mlflow.example.com,mlflow.example.com:*"
+    origins = env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"].split(",")
+    assert "https://mlflow.example.com" in origins and "http://mlflow.example.com:*" in origins
+
+
+def test_security_environment_host_with_port_exact():
+    env = start.security_environment(" Box.Local:8080 , [::1]")
+    hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert hosts == ["box.local:8080", "[::1]", "[[]::1]:*"]
+
+
+@pytest.mark.parametrize("value", ["http://host", "host/path", "host:99999", "a b", "host:"])
+def test_parse_public_hostnames_bad_entry_raises(value):
+    with pytest.raises(start.SettingError):
+        start.parse_public_hostnames(value)
+
+
+def test_server_environment_sets_mlflow_internals():
+    env = start.server_environment(
+        {"MLFLOW_BACKEND_STORE_URI": "sqlite:////db", "MLFLOW_ARTIFACTS_DESTINATION": "/a"}
+    )
+    assert env["_MLFLOW_SERVER_FILE_STORE"] == "sqlite:////db"
+    assert env["_MLFLOW_SERVER_REGISTRY_STORE"] == "sqlite:////db"
+    assert env["_MLFLOW_SERVER_SERVE_ARTIFACTS"] == "true"
+    assert env["_MLFLOW_SERVER_ARTIFACT_DESTINATION"] == "/a"
+
+
+@pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("", False)])
+def test_job_execution_enabled_values(value, expected):
+    assert start.job_execution_enabled({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": value}) is expected
+
+
+def test_job_execution_enabled_bad_value_raises():
+    with pytest.raises(start.SettingError):
+        start.job_execution_enabled({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "yes please"})
