@@ -82,6 +82,13 @@ class Stack:
             "user", "add", name, "--role", role, "--password-stdin", input=password + "\n"
         )
 
+    def append_users_line(self, line: str) -> None:
+        """Edit the users file by hand, as an operator with a shell in the volume would."""
+        script = "cat >> /var/lib/mlflow-stack/users/htpasswd"
+        self.compose(
+            "run", "--rm", "-T", "--entrypoint", "sh", "stackctl", "-c", script, input=line
+        )
+
     def wait_for_status(self, expected: int, auth, path="/api/2.0/mlflow/experiments/search"):
         """Poll until a request gets ``expected``; return the seconds it took (at most 5).
 

@@ -81,17 +81,7 @@ def test_password_past_72_bytes_refused(stack):
 
 def test_plaintext_line_never_authenticates(stack):
     line = "plain-user:plaintext-secret\n"
-    stack.compose(
-        "run",
-        "--rm",
-        "-T",
-        "--entrypoint",
-        "sh",
-        "stackctl",
-        "-c",
-        "cat >> /var/lib/mlflow-stack/users/htpasswd",
-        input=line,
-    )
+    stack.append_users_line(line)
     auth = ("plain-user", "plaintext-secret")
     listing = stack.stackctl("user", "list", "--json")
     assert '"plaintext"' in listing
@@ -110,15 +100,5 @@ def test_user_added_then_removed_within_5_seconds(stack):
 
 def test_hand_added_htpasswd_line_logs_in_within_5_seconds(stack, bcrypt_hash):
     line = f"hand-user:{bcrypt_hash('hand-password')}\n"
-    stack.compose(
-        "run",
-        "--rm",
-        "-T",
-        "--entrypoint",
-        "sh",
-        "stackctl",
-        "-c",
-        "cat >> /var/lib/mlflow-stack/users/htpasswd",
-        input=line,
-    )
+    stack.append_users_line(line)
     assert stack.wait_for_status(200, ("hand-user", "hand-password")) < 5

@@ -135,3 +135,22 @@ def test_token_reads_with_mlflow_client_until_revoked(stack, seeded_run, monkeyp
     assert "ci-reader" in host_stackctl("token", "list")
     host_stackctl("token", "remove", "ci-reader")
     assert stack.wait_for_status(401, f"Bearer {token}") < 5
+
+
+def test_config_check_valid_settings_pass(stack):
+    host_stackctl("config", "check")
+    assert "map $http_host $mlflow_host_allowed" in host_stackctl("config", "render")
+
+
+def test_config_check_bad_public_hostname_fails_with_one_line(stack):
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": PROJECT, "PUBLIC_HOSTNAME": "http://bad/"}
+    result = subprocess.run(
+        ["python3", str(ROOT / "scripts" / "stackctl"), "config", "check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "PUBLIC_HOSTNAME: 'http://bad/' is not host[:port]" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "stackctl: nginx -t failed (see above)"

@@ -1,6 +1,8 @@
 import errno
 import os
+import shutil
 import stat
+import subprocess
 import threading
 
 import pytest
@@ -186,3 +188,14 @@ def test_add_token_stores_only_digest(store):
 def test_remove_token_unknown_raises(store):
     with pytest.raises(BundleError, match="no token"):
         store.remove_token("ci")
+
+
+@pytest.mark.skipif(not shutil.which("htpasswd"), reason="apache2-utils not installed")
+def test_users_file_verified_by_apache_htpasswd(store):
+    store.add_user("alice", "pw", "admin")
+    store.add_user("bob", "pw")
+    store.set_enabled("bob", False)
+    verify = ["htpasswd", "-v", "-i", str(store.users_path)]
+    assert subprocess.run([*verify, "alice"], input=b"pw", capture_output=True).returncode == 0
+    assert subprocess.run([*verify, "alice"], input=b"no", capture_output=True).returncode != 0
+    assert subprocess.run([*verify, "bob"], input=b"pw", capture_output=True).returncode != 0
