@@ -102,3 +102,12 @@ def test_hand_added_htpasswd_line_logs_in_within_5_seconds(stack, bcrypt_hash):
     line = f"hand-user:{bcrypt_hash('hand-password')}\n"
     stack.append_users_line(line)
     assert stack.wait_for_status(200, ("hand-user", "hand-password")) < 5
+
+
+def test_wrong_password_after_right_one_refused(stack, admin):
+    url = stack.url + "/api/2.0/mlflow/experiments/search?max_results=1"
+    with requests.Session() as session:
+        assert session.get(url, auth=admin).status_code == 200
+        assert session.get(url, auth=(admin[0], admin[1] + "x")).status_code == 401
+        assert session.get(url, auth=(admin[0], admin[1][:-1])).status_code == 401
+        assert session.get(url, auth=admin).status_code == 200
