@@ -1,0 +1,222 @@
+"""scripts/benchmark: build and start the stack under its own project, measure, tear down.
+
+Contract: prints progress on stderr and the report (ending with the GOAL lines) on stdout,
+writes the numbers to bench-results/benchmark-<time>.json, and always ends with ``down -v``
+(also on Ctrl-C or SIGTERM). Exit status: 0 when the report was produced, whatever the goals
+say; 2 when the benchmark itself could not run; 130 when interrupted.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from stackbench import api, measure
+from stackbench.load import KINDS, Target, basic, wrk_binary
+from stackbench.measure import Bench, progress
+from stackbench.report import Report
+from stackbench.stack import BASELINE, ROOT, STACK, BenchError, BenchStack
+from stackbench.transfer import artifacts
+
+GATED_CONNECTIONS = [1, 4]
+WIDE_CONNECTIONS = 16
+# Settings from the environment that change what is measured; the report names them.
+SETTINGS = ("SERVER_WORKERS", "GATE_WORKERS", "GATE_THREADS", "GATE_BCRYPT_SLOTS")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/benchmark",
+        description="Measure the authenticating proxy against the same nginx without auth, "
+        "the bare server and MLflow's own basic-auth server, interleaved, on 127.0.0.1 only; "
+        "then a wrong-password flood, SQLite writers, 1 GiB artifacts, memory and start-up. "
+        "Needs Docker with Compose v2 and wrk (apt-get install -y wrk). Prints a table and, "
+        "last, one 'GOAL <name>: ... PASS|FAIL' line per goal. Settings such as GATE_WORKERS "
+        "are taken from the environment, as compose does.",
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true", help="smoke run: 1 repetition of 1 s, 64 MiB artifacts")
+    add(
+        "--repetitions",
+        type=int,
+        default=5,
+        metavar="N",
+        help="interleaved repetitions of each measurement (default 5)",
+    )
+    add(
+        "--duration",
+        type=int,
+        default=2,
+        metavar="SECONDS",
+        help="seconds per measured run, whole seconds (default 2)",
+    )
+    add(
+        "--wide-repetitions",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"repetitions at {WIDE_CONNECTIONS} connections, reported but not gated (default 1)",
+    )
+    add(
+        "--flood-connections",
+        type=int,
+        default=8,
+        metavar="N",
+        help="connections of the wrong-password flood (default 8)",
+    )
+    add(
+        "--artifact-mib",
+        type=int,
+        default=1024,
+        metavar="MIB",
+        help="artifact size for the transfer test (default 1024)",
+    )
+    add(
+        "--compose-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        type=Path,
+        help="an extra compose override, to measure other settings (repeatable)",
+    )
+    add("--no-build", action="store_true", help="use the images as they are (default: build)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repetitions, args.duration, args.wide_repetitions = 1, 1, 1
+        args.artifact_mib = min(args.artifact_mib, 64)
+    if min(args.repetitions, args.duration, args.artifact_mib, args.flood_connections) < 1:
+        parser.error("counts and sizes must be at least 1")
+    for path in args.compose_file:
+        if not path.is_file():
+            parser.error(f"--compose-file {path}: no such file")
+    return args
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started, stamp = time.monotonic(), datetime.now(UTC)
+    try:
+        wrk_binary()
+    except BenchError as error:
+        print(f"benchmark: {error}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _interrupt)
+    stack = BenchStack(tuple(path.resolve() for path in args.compose_file))
+    report = Report(list(KINDS), GATED_CONNECTIONS, args.repetitions, args.quick)
+    report.settings = (
+        ", ".join(
+            [f"{name}={os.environ[name]}" for name in SETTINGS if name in os.environ]
+            + [f"+{path}" for path in args.compose_file]
+        )
+        or "defaults (compose.yaml)"
+    )
+    try:
+        stack.down()  # leftovers of an interrupted earlier run
+        run(stack, report, args, since=stamp.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    except BenchError as error:
+        print(f"benchmark: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("benchmark: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        # A second Ctrl-C must not cut the tear-down short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        progress("tearing down (down -v)")
+        stack.down()
+    report.seconds = time.monotonic() - started
+    text = report.render()
+    results = ROOT / "bench-results"
+    results.mkdir(exist_ok=True)
+    path = results / f"benchmark-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(report.as_json(), indent=1) + "\n")
+    print(text)
+    progress(f"numbers saved to {path.relative_to(ROOT)}")
+    return 0
+
+
+def run(stack: BenchStack, report: Report, args: argparse.Namespace, since: str) -> None:
+    if not args.no_build:
+        progress("building images (docker compose build)")
+        stack.build()
+    progress("start-up with fresh volumes")
+    report.startup["fresh volumes"] = stack.up("nginx")
+    time.sleep(5)  # let start-up work (migrations, first health checks) settle before idling
+    report.idle_memory = stack.docker_stats(STACK)
+    stack.stop()
+    progress("start-up with the volumes kept")
+    report.startup["restart, volumes kept"] = stack.up("nginx")
+    progress("starting MLflow basic-auth (the baseline) and adding users")
+    stack.compose("--profile", "bench", "up", "-d", BASELINE)  # boots while we set up ours
+    bench = prepare(stack, args.duration)
+    progress("warm-up")
+    ops = list(KINDS)
+    measure.warm_up(bench, ops)
+    bench.measure_idle()
+    report.baseline_memory = stack.docker_stats((BASELINE,))[BASELINE]
+    progress(f"matrix: {args.repetitions} repetitions of {args.duration} s runs")
+    wide = WIDE_CONNECTIONS if args.wide_repetitions else None
+    report.matrix = measure.matrix(
+        bench, ops, GATED_CONNECTIONS, wide, args.repetitions, args.wide_repetitions
+    )
+    progress(f"wrong-password flood, {args.flood_connections} connections")
+    wrong = basic(stack.user, stack.password + "-wrong")
+    flood_since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    report.flood = measure.flood(
+        bench, GATED_CONNECTIONS, args.repetitions, args.flood_connections, wrong
+    )
+    time.sleep(4)  # the last tarpitted answers end (and are logged)
+    report.flood_log = measure.flood_statuses(stack.logs("nginx", flood_since))
+    progress(f"SQLite, {WIDE_CONNECTIONS} writers")
+    report.writer_connections = WIDE_CONNECTIONS
+    report.writers = measure.writers(bench, WIDE_CONNECTIONS, max(3, 2 * args.duration))
+    logs = stack.logs("server", since)
+    report.locked_lines = sum("database is locked" in line for line in logs.splitlines())
+    progress(f"artifacts, {args.artifact_mib} MiB each way")
+    rounds = 1 if args.quick else 2
+    experiment = bench.targets["auth"].experiment_id
+    report.artifacts = artifacts(stack, experiment, args.artifact_mib * 2**20, rounds)
+
+
+def prepare(stack: BenchStack, seconds: int) -> Bench:
+    """The bench user on both servers, an experiment of runs on each, one target per path."""
+    ports = stack.ports
+    auth = basic(stack.user, stack.password)
+    stack.add_user(stack.user, stack.password)
+    api.wait_ok(ports.edge, "/api/2.0/mlflow/experiments/search?max_results=1", auth)
+    ids = api.seed(ports.edge, auth, "bench")
+
+    stack.up(BASELINE, profile="bench")
+    admin = basic("admin", stack.basicauth_admin_password)
+    body = {"username": stack.user, "password": stack.password}
+    api.call(ports.basicauth, "POST", "/api/2.0/mlflow/users/create", admin, body)
+    # The bench user creates its own experiment there, so it holds MANAGE on it as an
+    # ordinary (non-admin) MLflow user would.
+    baseline_ids = api.seed(ports.basicauth, auth, "bench")
+
+    def target(port, close=False, on=ids):
+        return Target(port, auth, on[0], on[1], close)
+
+    targets = {
+        "auth": target(ports.edge),
+        "noauth": target(ports.noauth),
+        "direct-ka": target(ports.direct),
+        "direct-close": target(ports.direct, close=True),
+        "basic-ka": target(ports.basicauth, on=baseline_ids),
+        "basic-close": target(ports.basicauth, close=True, on=baseline_ids),
+    }
+    return Bench(
+        targets,
+        stack_cpu=lambda: stack.cpu_ns(STACK),
+        baseline_cpu=lambda: stack.cpu_ns((BASELINE,)),
+        seconds=seconds,
+    )

@@ -1,0 +1,128 @@
+"""Load generation with wrk (Debian package ``wrk``) and bench/wrk/mlflow.lua.
+
+Contract: ``run_wrk`` sends one kind of MLflow call for a bounded number of whole seconds over
+``connections`` keep-alive connections (or one connection per request with ``close``) to a
+127.0.0.1 port, and returns every answer counted by status plus wrk's latency percentiles.
+``start_wrk``/``finish_wrk`` do the same in the background, for overlapping loads.
+"""
+
+import base64
+import dataclasses
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from stackbench.stack import BenchError
+
+LUA = Path(__file__).resolve().parents[1] / "wrk" / "mlflow.lua"
+# The MLflow calls measured: label -> the Lua script's request kind.
+KINDS = {
+    "log-metric": "metric",
+    "log-batch-100": "batch",
+    "runs-search": "search",
+    "experiments-list": "list",
+}
+
+
+def wrk_binary() -> str:
+    """Path of wrk, or BenchError telling how to install it."""
+    found = shutil.which("wrk")
+    if not found:
+        raise BenchError("wrk is not installed: run `apt-get install -y wrk` (Debian) and retry")
+    return found
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a load goes: a port, credentials, the ids that port's server knows."""
+
+    port: int
+    authorization: str
+    experiment_id: str
+    run_id: str
+    close: bool = False  # one connection per request ("Connection: close")
+
+
+@dataclasses.dataclass
+class WrkResult:
+    """One wrk run. ``rate`` counts 2xx answers only; anything else is in ``failures``."""
+
+    seconds: float
+    statuses: dict[int, int]
+    socket_errors: int
+    p50_ms: float
+    p99_ms: float
+    cpu_ms: float | None = None  # CPU time of the containers serving it (see Bench.run)
+    wall: float = 0.0  # seconds the wrk process ran (start-up and tear-down included)
+
+    @property
+    def ok(self) -> int:
+        return sum(count for status, count in self.statuses.items() if 200 <= status < 300)
+
+    @property
+    def failures(self) -> int:
+        return sum(self.statuses.values()) - self.ok + self.socket_errors
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_per_request(self) -> float | None:
+        return self.cpu_ms / self.ok if self.cpu_ms is not None and self.ok else None
+
+
+def _command(
+    target: Target, kind: str, connections: int, seconds: int, authorization: str | None = None
+) -> list[str]:
+    argument = target.experiment_id if kind in ("search", "list") else target.run_id
+    command = [wrk_binary(), "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s"]
+    command += ["-s", str(LUA), "-H", f"Authorization: {authorization or target.authorization}"]
+    if target.close:
+        command += ["-H", "Connection: close"]
+    return [*command, f"http://127.0.0.1:{target.port}", "--", kind, argument]
+
+
+def start_wrk(
+    target: Target, kind: str, connections: int, seconds: int, authorization: str | None = None
+) -> subprocess.Popen:
+    """Start wrk in the background; ``authorization`` overrides the target's credentials."""
+    command = _command(target, kind, connections, seconds, authorization)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_wrk(process: subprocess.Popen, seconds: int) -> WrkResult:
+    """Wait for a ``start_wrk`` process (bounded) and parse its result line."""
+    try:
+        out, err = process.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired as error:
+        process.kill()
+        process.communicate()
+        raise BenchError("wrk did not stop in time") from error
+    line = next((x for x in out.splitlines() if x.startswith("BENCH-RESULT ")), None)
+    if process.returncode or line is None:
+        raise BenchError(f"wrk failed ({process.returncode}): {(err or out).strip()[-500:]}")
+    data = json.loads(line.removeprefix("BENCH-RESULT "))
+    return WrkResult(
+        seconds=data["duration_us"] / 1e6,
+        statuses={int(status): count for status, count in data["statuses"].items()},
+        socket_errors=sum(
+            data[key] for key in ("connect_errors", "read_errors", "write_errors", "timeouts")
+        ),
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+    )
+
+
+def run_wrk(target: Target, kind: str, connections: int, seconds: int) -> WrkResult:
+    """One bounded wrk run in the foreground; ``wall`` is how long the process took."""
+    started = time.monotonic()
+    result = finish_wrk(start_wrk(target, kind, connections, seconds), seconds)
+    result.wall = time.monotonic() - started
+    return result

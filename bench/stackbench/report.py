@@ -1,0 +1,369 @@
+"""Statistics, the printed table and the GOAL lines.
+
+Contract: ``Report`` collects the raw results of every section; ``render()`` returns the text
+to print, ending with one ``GOAL <name>: measured <value> (target <target>) PASS|FAIL`` line
+per goal; ``as_json()`` returns the numbers for bench-results/. A ratio is the median of the
+per-repetition ratios (both sides of a repetition ran back to back), not a ratio of medians.
+"direct" and "basic-auth" take, per repetition, the better of keep-alive and one connection
+per request. A ratio goal is judged on its worst gated cell (every call at 1 and 4
+connections), so one slow call cannot hide behind fast ones; the GOAL line also shows the
+median of all gated cells' per-repetition ratios pooled, which is less sensitive to noise.
+"""
+
+import dataclasses
+import statistics
+
+from stackbench.load import WrkResult
+from stackbench.measure import PATHS, FloodRound, Results
+from stackbench.transfer import ArtifactResult
+
+MiB = 2**20
+STACK_PATHS = ("auth", "noauth", "direct-ka", "direct-close")
+RATIO_GOALS = (  # (cell key, goal name, lowest passing value)
+    ("vs_noauth", "auth-vs-nginx-without-auth", 0.95),
+    ("vs_direct", "auth-vs-direct-server", 0.90),
+    ("vs_basic", "auth-vs-mlflow-basic-auth", 1.30),
+)
+MAX_ADDED_MS = 1.0
+MIN_KEPT_UNDER_FLOOD = 0.80
+MIN_TRANSFER_RATIO = 0.90
+MAX_NGINX_GROWTH = 16 * MiB
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: WrkResult, b: WrkResult):
+    return a.rate / b.rate if b.rate else None
+
+
+def _num(value, spec=".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mib(value) -> str:
+    return "?" if value is None else f"{value / MiB:.1f} MiB"
+
+
+def _table(spec: str, rows: list[list[str]]) -> list[str]:
+    """Rows under a header. ``spec`` is "name:width ..." ("_" in a name prints as a space);
+    the first column is left-aligned, the others right-aligned."""
+    pairs = (item.rsplit(":", 1) for item in spec.split())
+    columns = [(name.replace("_", " "), int(width)) for name, width in pairs]
+
+    def line(cells):
+        first, *rest = cells
+        widths = [width for _, width in columns[1:]]
+        return f"{first:<{columns[0][1]}}" + "".join(
+            f"{cell:>{width}}" for cell, width in zip(rest, widths, strict=True)
+        )
+
+    return [line([name for name, _ in columns]), *(line(row) for row in rows)]
+
+
+@dataclasses.dataclass
+class Goal:
+    name: str
+    measured: str
+    target: str
+    ok: bool
+
+    def line(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        return f"GOAL {self.name}: measured {self.measured} (target {self.target}) {verdict}"
+
+
+@dataclasses.dataclass
+class Report:
+    ops: list[str]
+    levels: list[int]  # gated connection counts
+    reps: int
+    quick: bool
+    settings: str = ""
+    matrix: Results = dataclasses.field(default_factory=dict)
+    flood: dict[int, list[FloodRound]] = dataclasses.field(default_factory=dict)
+    flood_log: dict[int, int] = dataclasses.field(default_factory=dict)  # status -> count
+    writers: dict[str, WrkResult] = dataclasses.field(default_factory=dict)
+    writer_connections: int = 16
+    locked_lines: int | None = None
+    artifacts: ArtifactResult | None = None
+    idle_memory: dict[str, int] = dataclasses.field(default_factory=dict)
+    baseline_memory: int | None = None
+    startup: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    goals: list[Goal] = dataclasses.field(default_factory=list)
+
+    def _best(self, op: str, conns: int, prefix: str) -> list[WrkResult]:
+        keep, close = (self.matrix[(op, conns, f"{prefix}-{kind}")] for kind in ("ka", "close"))
+        return [max(pair, key=lambda r: r.rate) for pair in zip(keep, close, strict=True)]
+
+    def cell(self, op: str, conns: int) -> dict:
+        """Medians of one (call, connections) cell: per path, and per-repetition ratios."""
+        auth = self.matrix[(op, conns, "auth")]
+        noauth = self.matrix[(op, conns, "noauth")]
+        direct, basic = self._best(op, conns, "direct"), self._best(op, conns, "basic")
+        paths = {"auth": auth, "noauth": noauth, "direct": direct, "basic": basic}
+        closes = self.matrix[(op, conns, "direct-close")] + self.matrix[(op, conns, "basic-close")]
+        return {
+            "rate": {name: median(r.rate for r in runs) for name, runs in paths.items()},
+            "cpu": {name: median(r.cpu_per_request for r in runs) for name, runs in paths.items()},
+            "p50": {name: median(r.p50_ms for r in runs) for name, runs in paths.items()},
+            "close_won": {
+                name: sum(any(r is c for c in closes) for r in paths[name])
+                for name in ("direct", "basic")
+            },
+            "vs_noauth": median(_ratio(a, b) for a, b in zip(auth, noauth, strict=True)),
+            "vs_direct": median(_ratio(a, b) for a, b in zip(auth, direct, strict=True)),
+            "vs_basic": median(_ratio(a, b) for a, b in zip(auth, basic, strict=True)),
+            "added_ms": median(a.p50_ms - b.p50_ms for a, b in zip(auth, noauth, strict=True)),
+            "reps": len(auth),
+        }
+
+    def _pooled(self, key: str) -> list[float | None]:
+        """Every per-repetition ratio ``key`` of the gated cells."""
+        other = {"vs_noauth": "noauth", "vs_direct": "direct", "vs_basic": "basic"}[key]
+        ratios = []
+        for op, conns in self.cells():
+            if conns in self.levels:
+                auth = self.matrix[(op, conns, "auth")]
+                if other == "noauth":
+                    base = self.matrix[(op, conns, "noauth")]
+                else:
+                    base = self._best(op, conns, other)
+                ratios += [_ratio(a, b) for a, b in zip(auth, base, strict=True)]
+        return ratios
+
+    def cells(self) -> list[tuple[str, int]]:
+        keys = {(op, conns) for op, conns, _ in self.matrix}
+        return sorted(keys, key=lambda key: (self.ops.index(key[0]), key[1]))
+
+    def failures(self, paths=STACK_PATHS) -> int:
+        runs = (
+            r for (_, _, path), results in self.matrix.items() if path in paths for r in results
+        )
+        return sum(r.failures for r in runs)
+
+    # -- rendering -----------------------------------------------------------------------
+
+    def render(self) -> str:
+        self.goals = []
+        title = f"MLflow stack benchmark: {self.reps} interleaved repetitions, medians"
+        lines = [title + ("  (QUICK smoke run: not a measurement)" if self.quick else "")]
+        if self.settings:
+            lines.append(f"settings: {self.settings}")
+        for present, section in (
+            (self.matrix, self._render_matrix),
+            (self.flood, self._render_flood),
+            (self.writers, self._render_writers),
+            (self.artifacts, self._render_artifacts),
+        ):
+            if present:
+                lines += ["", *section()]
+        lines += ["", *self._render_footprint(), ""]
+        return "\n".join([*lines, *(goal.line() for goal in self.goals)])
+
+    def _render_matrix(self) -> list[str]:
+        rates, costs = [], []
+        worst: dict[str, tuple[float, str]] = {}
+        for op, conns in self.cells():
+            c = self.cell(op, conns)
+            rate, cpu, p50, won = c["rate"], c["cpu"], c["p50"], c["close_won"]
+            rates.append(
+                [
+                    op,
+                    str(conns),
+                    _num(rate["auth"]),
+                    _num(rate["noauth"]),
+                    f"{_num(rate['direct'])} c{won['direct']}",
+                    f"{_num(rate['basic'])} c{won['basic']}",
+                    _num(c["vs_noauth"], ".3f"),
+                    _num(c["vs_direct"], ".3f"),
+                    _num(c["vs_basic"], ".2f"),
+                ]
+            )
+            costs.append(
+                [
+                    op,
+                    str(conns),
+                    *(_num(cpu[p], ".2f") for p in ("auth", "noauth", "direct", "basic")),
+                    *(_num(p50[p], ".2f") for p in ("auth", "noauth", "direct", "basic")),
+                    _num(c["added_ms"], "+.2f"),
+                ]
+            )
+            if conns not in self.levels:
+                continue  # reported, not gated
+            for key, _, _ in RATIO_GOALS:
+                if c[key] is not None and (key not in worst or c[key] < worst[key][0]):
+                    worst[key] = (c[key], f"{op}@{conns}")
+            added = c["added_ms"]
+            if conns == 1 and added is not None and added > worst.get("added", (-1e9,))[0]:
+                worst["added"] = (added, op)
+        for key, name, limit in RATIO_GOALS:
+            value, where = worst.get(key, (None, "-"))
+            pooled = _num(median(self._pooled(key)), ".3f")
+            measured = f"{_num(value, '.3f')} (worst cell {where}; all cells pooled {pooled})"
+            self.goals.append(Goal(name, measured, f">= {limit:.2f}", (value or 0) >= limit))
+        value, where = worst.get("added", (None, "-"))
+        self.goals.append(
+            Goal(
+                "added-latency-1-connection",
+                f"{_num(value, '+.2f')} ms p50 (worst: {where})",
+                f"<= {MAX_ADDED_MS:.2f} ms",
+                value is not None and value <= MAX_ADDED_MS,
+            )
+        )
+        failures = self.failures()
+        self.goals.append(
+            Goal(
+                "no-non-2xx-in-matrix",
+                f"{failures} non-2xx or socket errors (auth, no-auth, direct)",
+                "0",
+                failures == 0,
+            )
+        )
+        throughput = _table(
+            "call:17 conn:5 auth:9 no-auth:9 direct:11 basic:11 auth/noauth:13 auth/direct:13 "
+            "auth/basic:12",
+            rates,
+        )
+        cpu_latency = _table(
+            "call:17 conn:5 cpu:auth:9 no-auth:8 direct:8 basic:8 p50:auth:9 no-auth:8 direct:8 "
+            "basic:8 +auth:8",
+            costs,
+        )
+        errors = [f"  {path:<14}{self.failures((path,)):>8}" for path in PATHS]
+        return [
+            "Throughput, req/s of 2xx answers. direct/basic: the better of keep-alive and a",
+            "connection per request ('cN': connection per request won N repetitions)",
+            *throughput,
+            "",
+            "CPU ms per request (cgroup counters less idle: nginx+auth+server, or the",
+            "basic-auth container) and median latency p50 in ms; +auth = p50 auth - no-auth",
+            *cpu_latency,
+            "",
+            "Non-2xx answers and socket errors in the measured runs, per path",
+            *errors,
+        ]
+
+    def _render_flood(self) -> list[str]:
+        rows, worst = [], None
+        for conns, rounds in sorted(self.flood.items()):
+            kept = median(_ratio(r.flooded, r.alone) for r in rounds)
+            bad = sum(r.alone.failures + r.flooded.failures for r in rounds)
+            answered = sum(sum(r.flood.statuses.values()) for r in rounds)
+            alone, flooded = (
+                median(getattr(r, k).rate for r in rounds) for k in ("alone", "flooded")
+            )
+            row = [_num(alone), _num(flooded), _num(kept, ".1%"), str(answered), str(bad)]
+            rows.append([str(conns), *row])
+            if kept is not None and (worst is None or kept < worst[0]):
+                worst = (kept, conns, bad)
+        # 499: wrk closed the connection at its end, mid-tarpit.
+        logged = {401: 0, 429: 0, **self.flood_log}
+        counts = ", ".join(f"{n}x{status}" for status, n in sorted(logged.items()))
+        if worst:
+            kept, conns, bad = worst
+            measured = f"{kept:.1%} kept (worst at {conns} conn); flood got {counts}"
+            ok = kept >= MIN_KEPT_UNDER_FLOOD and bad == 0
+            self.goals.append(Goal("valid-user-under-password-flood", measured, ">= 80%", ok))
+        return [
+            "Wrong-password flood from one client vs a valid user's log-metric, req/s",
+            *_table("conn:5 alone:9 flooded:9 kept:8 flood_answered:16 valid_non-2xx:15", rows),
+            f"the flood's requests as nginx logged them: {counts}",
+            "('answered': within wrk's window; a tarpitted 429 may finish after it)",
+        ]
+
+    def _render_writers(self) -> list[str]:
+        rows = [[op, _num(r.rate), str(r.failures)] for op, r in self.writers.items()]
+        failures = sum(r.failures for r in self.writers.values())
+        locked = "?" if self.locked_lines is None else str(self.locked_lines)
+        self.goals.append(
+            Goal(
+                f"sqlite-{self.writer_connections}-writers",
+                f"{failures} non-2xx, {locked} 'database is locked' in the server log",
+                "0 and 0",
+                failures == 0 and self.locked_lines == 0,
+            )
+        )
+        return [
+            f"SQLite under {self.writer_connections} concurrent writer connections (nginx+gate)",
+            *_table("call:17 req/s:9 non-2xx:9", rows),
+            f"'database is locked' lines in the server log, whole run: {locked}",
+        ]
+
+    def _render_artifacts(self) -> list[str]:
+        a = self.artifacts
+        rows = []
+        for direction in ("upload", "download"):
+            speeds = {
+                path: [
+                    t.mib_per_s for t in a.transfers if (t.direction, t.path) == (direction, path)
+                ]
+                for path in ("proxy", "direct")
+            }
+            pairs = zip(speeds["proxy"], speeds["direct"], strict=True)
+            ratio = median(p / d for p, d in pairs)
+            rows.append(
+                [
+                    direction,
+                    *(" ".join(f"{v:.0f}" for v in speeds[p]) for p in speeds),
+                    _num(ratio, ".3f"),
+                ]
+            )
+            ok = ratio is not None and ratio >= MIN_TRANSFER_RATIO
+            target = f">= {MIN_TRANSFER_RATIO:.2f}"
+            self.goals.append(
+                Goal(f"artifact-{direction}-proxy-vs-direct", _num(ratio, ".3f"), target, ok)
+            )
+        growth = None if None in (a.nginx_max, a.nginx_idle) else a.nginx_max - a.nginx_idle
+        self.goals.append(
+            Goal(
+                "nginx-memory-flat-during-transfer",
+                f"+{_mib(growth)} (max {_mib(a.nginx_max)})",
+                f"<= +{_mib(MAX_NGINX_GROWTH)}",
+                growth is not None and growth <= MAX_NGINX_GROWTH,
+            )
+        )
+        size = a.transfers[0].size / MiB
+        return [
+            f"Artifacts: {size:.0f} MiB with the MLflow client, MiB/s per round (ABBA order)",
+            *_table("transfer:10 proxy:20 direct:20 ratio:8", rows),
+            f"nginx memory: {_mib(a.nginx_idle)} before, max {_mib(a.nginx_max)} during the "
+            "proxied transfers (sampled every 100 ms)",
+        ]
+
+    def _render_footprint(self) -> list[str]:
+        out = ["Idle memory (docker stats --no-stream) and start-up"]
+        out += [f"  {service:<12}{_mib(size):>12}" for service, size in self.idle_memory.items()]
+        if self.idle_memory:
+            out.append(f"  {'total':<12}{_mib(sum(self.idle_memory.values())):>12}")
+        if self.baseline_memory is not None:
+            out.append(f"  MLflow basic-auth server, for comparison: {_mib(self.baseline_memory)}")
+        for name, seconds in self.startup.items():
+            out.append(f"  start-up, {name}: {seconds:.1f} s from `up -d` to healthy (--wait)")
+        if self.seconds:
+            out.append(f"  benchmark run time: {self.seconds / 60:.1f} min")
+        return out
+
+    def as_json(self) -> dict:
+        return {
+            "reps": self.reps,
+            "quick": self.quick,
+            "settings": self.settings,
+            "cells": {f"{op}@{conns}": self.cell(op, conns) for op, conns in self.cells()},
+            "runs": {
+                f"{op}@{conns}/{path}": [
+                    {"rate": r.rate, "p50_ms": r.p50_ms, "cpu_ms": r.cpu_ms, "failures": r.failures}
+                    for r in runs
+                ]
+                for (op, conns, path), runs in self.matrix.items()
+            },
+            "goals": [dataclasses.asdict(goal) for goal in self.goals],
+            "idle_memory": self.idle_memory,
+            "baseline_memory": self.baseline_memory,
+            "flood_log": self.flood_log,
+            "startup": self.startup,
+            "seconds": self.seconds,
+        }
