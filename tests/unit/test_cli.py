@@ -2,6 +2,7 @@ import io
 import json
 import os
 import stat
+import sys
 
 import pytest
 from mlflowstack import cli, commands, users
@@ -31,8 +32,8 @@ def run(users_dir, *argv, stdin=""):
     import contextlib
 
     out, err = io.StringIO(), io.StringIO()
-    old_stdin = os.sys.stdin
-    os.sys.stdin = io.StringIO(stdin)
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -40,7 +41,7 @@ def run(users_dir, *argv, stdin=""):
             except SystemExit as exit_:
                 status = exit_.code
     finally:
-        os.sys.stdin = old_stdin
+        sys.stdin = old_stdin
     return status, out.getvalue(), err.getvalue()
 
 
