@@ -24,7 +24,6 @@ Contract:
 import re
 
 READ, WRITE, ADMIN = "read", "write", "admin"
-ROLES = ("viewer", "editor", "admin")
 
 _API, _AJAX = "/api/", "/ajax-api/"
 _AJAX_LEN = len(_AJAX)

@@ -36,6 +36,7 @@ from mlflowstack.users import (
     Users,
     UserStore,
     bcrypt_cost,
+    hash_password,
     token_digest,
 )
 
@@ -52,12 +53,6 @@ def _bcrypt_verify(password: str, password_hash: str) -> bool:
     from passlib.hash import bcrypt
 
     return bcrypt.verify(password, password_hash)
-
-
-def _bcrypt_hash(password: str, cost: int) -> str:
-    from passlib.hash import bcrypt
-
-    return bcrypt.using(rounds=cost, ident="2y").hash(password)
 
 
 def _file_signature(path: Path):
@@ -88,7 +83,7 @@ class Gate:
     def dummy_hash(cost: int) -> str:
         """A hash of no one's password at ``cost``, made once per process and cost."""
         if cost not in _DUMMY_HASHES:
-            _DUMMY_HASHES[cost] = _bcrypt_hash(secrets.token_urlsafe(16), cost)
+            _DUMMY_HASHES[cost] = hash_password(secrets.token_urlsafe(16), cost)
         return _DUMMY_HASHES[cost]
 
     def refresh(self) -> object:

@@ -270,7 +270,9 @@ class UserStore:
             self._save_users(users)
             return result
 
-    def add_user(self, name: str, password: str, role: str = DEFAULT_ROLE, cost: int = 12) -> User:
+    def add_user(
+        self, name: str, password: str, role: str = DEFAULT_ROLE, cost: int = MIN_BCRYPT_COST
+    ) -> User:
         validate_role(role)
         password_hash = hash_password(password, cost)
 
