@@ -3,11 +3,13 @@
 import os
 
 bind = "0.0.0.0:8000"
-# Threads, not processes, carry the load: a cached check is microseconds of Python, and bcrypt
-# releases the GIL, so a few threads per worker keep both cores busy without more copies of
-# the cache. Two workers survive one crashing.
+# Threads, not processes, carry the load: a cached check is microseconds of Python, and nginx
+# answers most repeats itself (nginx/njs/verdicts.js), so one process is plenty. One process
+# also makes GATE_BCRYPT_SLOTS the bound for the whole gate: with the default of 1, a password
+# flood runs at most one bcrypt check at a time, never every core. gunicorn's master restarts
+# a crashed worker.
 worker_class = "gthread"
-workers = int(os.environ.get("GATE_WORKERS", "2"))
+workers = int(os.environ.get("GATE_WORKERS", "1"))
 threads = int(os.environ.get("GATE_THREADS", "8"))
 # nginx keeps upstream connections open (upstream keepalive); this must outlast its 60 s.
 keepalive = 75

@@ -30,11 +30,23 @@ render_hosts_map() {
     echo '}'
 }
 
+# A remembered "yes" outlives a user's removal by up to this long: 1-5 s ("2s", "1500ms").
+check_auth_cache_ttl() {
+    case "${AUTH_CACHE_TTL:-}" in
+        [1-5]s | [1-9]ms | [1-9][0-9]ms | [1-9][0-9][0-9]ms | [1-4][0-9][0-9][0-9]ms | 5000ms) ;;
+        *)
+            echo "docker-entrypoint: AUTH_CACHE_TTL: '${AUTH_CACHE_TTL:-}' is not 1s-5s (e.g. 2s, 1500ms)" >&2
+            return 1
+            ;;
+    esac
+}
+
+check_auth_cache_ttl
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
 
 # Only our variables are substituted, so nginx's own $variables survive.
 # shellcheck disable=SC2016  # envsubst wants the names literally
-variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT}'
+variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL}'
 for template in /etc/nginx/templates/*.template; do
     target="/etc/nginx/conf.d/$(basename "$template" .template)"
     envsubst "$variables" < "$template" > "$target"

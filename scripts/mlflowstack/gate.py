@@ -11,10 +11,17 @@ Contract (WSGI, served by gunicorn; see auth/gunicorn.conf.py):
 - ``GET /health`` answers 204.
 
 Speed without weakening the passwords: a verified ``Authorization`` header is remembered under
-an HMAC of the header (keyed per process, so the cache holds nothing that opens a door), and the
-whole cache is dropped as soon as the users or tokens file changes on disk. Wrong passwords are
-never cached, so each failed attempt costs one full bcrypt check; unknown or disabled users
-cost one check against a dummy hash of the same cost, so names cannot be probed by timing.
+an HMAC of the header (keyed per process, so the cache holds nothing that opens a door),
+together with the user's name and the hash it was verified against. The files are re-read as
+soon as they change on disk, and a remembered header counts only while that user can still log
+in with that very hash: a changed, removed or disabled user is refused by the next request,
+while everyone else keeps their entry (adding a colleague costs nobody a bcrypt check). The
+role is always taken from the current file. Wrong passwords are never cached, so each failed
+attempt costs one full bcrypt check; unknown or disabled users cost one check against a dummy
+hash of the same cost, so names cannot be probed by timing.
+
+nginx remembers this gate's "yes" for a second or two in front of it (nginx/njs/verdicts.js),
+so most requests never reach this process.
 """
 
 import base64
@@ -76,6 +83,7 @@ class Gate:
         self._users = Users({}, [])
         self._tokens: dict[str, Token] = {}
         self._dummy_cost = MIN_BCRYPT_COST
+        # HMAC of the header -> (name, the password hash it was verified against)
         self._cache: dict[bytes, tuple[str, str]] = {}
         self.dummy_hash(MIN_BCRYPT_COST)
 
@@ -86,8 +94,8 @@ class Gate:
             _DUMMY_HASHES[cost] = hash_password(secrets.token_urlsafe(16), cost)
         return _DUMMY_HASHES[cost]
 
-    def refresh(self) -> object:
-        """Reload the files if they changed since the last look; return their signature.
+    def refresh(self) -> None:
+        """Reload the files if they changed since the last look.
 
         Two stat() calls per request: cheaper than any timer, and a change is seen by the very
         next request (an atomic rename always gives a new inode).
@@ -105,9 +113,12 @@ class Gate:
                     costs = [bcrypt_cost(u.password_hash) or 0 for u in users.users.values()]
                     self._dummy_cost = max([MIN_BCRYPT_COST, *costs])
                     self._users, self._tokens = users, self.store.load_tokens()
-                    self._cache = {}
+                    self._cache = {
+                        key: entry
+                        for key, entry in self._cache.items()
+                        if _still_valid(users, *entry)
+                    }
                     self._signature = signature
-        return signature
 
     def check_password(self, users: Users, name: str, password: str) -> User | None:
         """Exactly one bcrypt check, whoever ``name`` is; the user when the password is right."""
@@ -125,7 +136,7 @@ class Gate:
 
     def identify(self, authorization: str):
         """Return (name, role) for valid credentials, None for invalid ones, or BUSY."""
-        signature = self.refresh()
+        self.refresh()
         scheme, _, credentials = authorization.partition(" ")
         scheme = scheme.lower()
         if scheme == "bearer":
@@ -136,28 +147,35 @@ class Gate:
         if scheme != "basic":
             return None
         cache_key = hmac.digest(self._key, authorization.encode("utf-8", "replace"), "sha256")
+        users = self._users
         cached = self._cache.get(cache_key)
-        if cached is not None:
-            return cached
+        if cached is not None and _still_valid(users, *cached):
+            user = users.users[cached[0]]
+            return (user.name, user.role)
         name_password = _decode_basic(credentials)
         if name_password is None:
             return None
         if not self._slots.acquire(blocking=False):
             return BUSY
         try:
-            users = self._users
             user = self.check_password(users, *name_password)
         finally:
             self._slots.release()
         if user is None:
             return None
+        # Stored with the hash it was checked against, so an entry written after a reload
+        # (this check straddled it) is still judged against the file as it is at lookup.
         with self._lock:
-            # A check that began before the files changed must not refill the new cache.
-            if self._signature == signature and self._users is users:
-                if len(self._cache) >= _CACHE_LIMIT:
-                    self._cache = {}
-                self._cache[cache_key] = (user.name, user.role)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache = {}
+            self._cache[cache_key] = (user.name, user.password_hash)
         return (user.name, user.role)
+
+
+def _still_valid(users: Users, name: str, verified_hash: str) -> bool:
+    """True while ``name`` can log in and still has the hash a password was verified against."""
+    user = users.users.get(name)
+    return user is not None and user.can_log_in and user.password_hash == verified_hash
 
 
 def _decode_basic(credentials: str) -> tuple[str, str] | None:

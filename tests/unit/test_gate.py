@@ -113,6 +113,49 @@ def test_identify_cached_user_refused_after_removal(gate, users_dir):
     assert gate.identify(basic("alice", "right")) is None
 
 
+def test_identify_cached_user_kept_when_another_user_added(gate, users_dir, verify):
+    gate.identify(basic("alice", "right"))
+    UserStore(users_dir).add_user("bob", "bobs-password")
+    assert gate.identify(basic("alice", "right")) == ("alice", "admin")
+    assert len(verify.calls) == 1
+
+
+def test_identify_cached_user_refused_after_password_change(gate, users_dir):
+    gate.identify(basic("alice", "right"))
+    UserStore(users_dir).set_password("alice", "new-password")
+    assert gate.identify(basic("alice", "right")) is None
+    assert gate.identify(basic("alice", "new-password")) == ("alice", "admin")
+
+
+def test_identify_cached_user_refused_after_disable(gate, users_dir):
+    gate.identify(basic("alice", "right"))
+    UserStore(users_dir).set_enabled("alice", False)
+    assert gate.identify(basic("alice", "right")) is None
+
+
+def test_identify_cached_user_gets_new_role_without_new_check(gate, users_dir, verify):
+    gate.identify(basic("alice", "right"))
+    UserStore(users_dir).set_role("alice", "viewer")
+    assert gate.identify(basic("alice", "right")) == ("alice", "viewer")
+    assert len(verify.calls) == 1
+
+
+def test_identify_check_straddling_password_change_not_reused(users_dir, bcrypt_hash):
+    """A check that verified the old hash while the file changed must not serve the new one."""
+    store = UserStore(users_dir)
+
+    def verify_then_change(password, password_hash):
+        ok = gate_module._bcrypt_verify(password, password_hash)
+        if not store.users_path.with_name("changed").exists():
+            store.users_path.with_name("changed").touch()
+            store.set_password("alice", "new-password")
+        return ok
+
+    straddled = Gate(store, verify=verify_then_change)
+    assert straddled.identify(basic("alice", "right")) == ("alice", "admin")
+    assert straddled.identify(basic("alice", "right")) is None
+
+
 def test_identify_cache_holds_no_plaintext(gate):
     gate.identify(basic("alice", "right"))
     dumped = repr(gate._cache).encode()
