@@ -43,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--repetitions",
         type=int,
-        default=5,
+        default=7,
         metavar="N",
-        help="interleaved repetitions of each measurement (default 5)",
+        help="interleaved repetitions of each measurement (default 7)",
     )
     add(
         "--duration",

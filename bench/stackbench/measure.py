@@ -121,6 +121,9 @@ def matrix(
         rep_levels = [*levels, wide] if wide and rep < wide_reps else levels
         for op in ops:
             for connections in rep_levels:
+                # Unmeasured: the call just switched, and whichever path came first would
+                # otherwise pay for it (e.g. reads after a burst of writes meet a long WAL).
+                bench.run("direct-ka", op, connections, seconds=1)
                 order = list(PATHS)
                 shuffle(order)
                 for path in order:

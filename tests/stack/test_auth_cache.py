@@ -5,6 +5,8 @@ the users file with stackctl and requires the change to bite within 5 s, measure
 of the stackctl command. Timings are only bounds here; speed is scripts/benchmark's business.
 """
 
+import base64
+import subprocess
 import threading
 import time
 
@@ -121,3 +123,47 @@ def test_password_flood_gets_429_while_verified_user_passes(stack):
     assert 429 in statuses, f"no 429 among {len(statuses)} flood answers"
     assert set(statuses) <= {401, 429}
     assert set(valid) == {200}
+
+
+# Prints every printable run of 4+ bytes in nginx's shared-memory zones (shown in the maps as
+# "/dev/zero (deleted)": the njs dictionaries live there), read through /proc/1/mem.
+_DUMP_SHARED_ZONES = r"""
+set -eu
+grep ' /dev/zero' /proc/1/maps | while read -r range _; do
+    start=$((16#${range%-*})) end=$((16#${range#*-}))
+    dd if=/proc/1/mem bs=65536 iflag=skip_bytes,count_bytes skip="$start" \
+        count=$((end - start)) status=none
+done | tr -c '[:print:]' '\n' | grep -E '.{4,}' | sort -u
+"""
+
+
+def test_nginx_remembered_answers_hold_no_credentials(stack):
+    """The shared memory holds the user's name (proof we read the right place), never the
+    password or the Authorization header."""
+    name, password = "cache-plain", "Plain-Secret-4711"
+    stack.add_user(name, password)
+    _warm(stack, (name, password))
+    header = base64.b64encode(f"{name}:{password}".encode()).decode()
+    nginx = stack.compose("ps", "-q", "nginx").strip()
+    dump = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            f"--pid=container:{nginx}",
+            "--cap-add",
+            "SYS_PTRACE",
+            "--entrypoint",
+            "bash",
+            "mlflow-stack/nginx:local",
+            "-c",
+            _DUMP_SHARED_ZONES,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert name in dump
+    assert password not in dump
+    assert header not in dump and header[:16] not in dump
