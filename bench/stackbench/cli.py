@@ -25,7 +25,14 @@ from stackbench.transfer import artifacts
 GATED_CONNECTIONS = [1, 4]
 WIDE_CONNECTIONS = 16
 # Settings from the environment that change what is measured; the report names them.
-SETTINGS = ("SERVER_WORKERS", "GATE_WORKERS", "GATE_THREADS", "GATE_BCRYPT_SLOTS")
+SETTINGS = (
+    "SERVER_WORKERS",
+    "GATE_WORKERS",
+    "GATE_THREADS",
+    "GATE_BCRYPT_SLOTS",
+    "GATE_FAILURE_PAUSE",
+    "AUTH_CACHE_TTL",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

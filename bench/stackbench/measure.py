@@ -176,7 +176,7 @@ def flood_statuses(nginx_log: str) -> dict[int, int]:
     longer than that; nginx logs every request once it ends, however it ended.
     """
     pattern = re.compile(
-        r' - \S* ?\[[^]]*\] "GET /api/2\.0/mlflow/experiments/search\S* [^"]*" (\d{3}) '
+        r' - - \[[^]]*\] "GET /api/2\.0/mlflow/experiments/search\S* [^"]*" (\d{3}) '
     )
     counts: dict[int, int] = defaultdict(int)
     for match in pattern.finditer(nginx_log):

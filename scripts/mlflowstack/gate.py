@@ -7,7 +7,8 @@ Contract (WSGI, served by gunicorn; see auth/gunicorn.conf.py):
   credentials are valid and the role allows the request; 401 with a Basic challenge when they
   are missing or wrong; 403 when the role forbids the request; 403 with
   ``X-Gate-Reason: busy`` when every bcrypt slot is taken (nginx turns that into a 429,
-  since auth_request passes only 2xx/401/403 through).
+  since auth_request passes only 2xx/401/403 through). A failed check keeps its slot for
+  ``GATE_FAILURE_PAUSE`` times its own duration before answering 401.
 - ``GET /health`` answers 204.
 
 Speed without weakening the passwords: a verified ``Authorization`` header is remembered under
@@ -73,8 +74,22 @@ def _file_signature(path: Path):
 class Gate:
     """Credential checks against a users directory, with a cache tied to the files' state."""
 
-    def __init__(self, store: UserStore, bcrypt_slots: int = 1, verify=_bcrypt_verify):
+    def __init__(
+        self,
+        store: UserStore,
+        bcrypt_slots: int = 1,
+        verify=_bcrypt_verify,
+        failure_pause: float = 0.0,
+        sleep=time.sleep,
+    ):
         self.store = store
+        # After a failed check its slot stays taken, answer withheld, for failure_pause times
+        # as long as the check took. A password flood then keeps the CPU busy only
+        # 1 / (1 + failure_pause) of the time (others meanwhile get 429 at once), each wrong
+        # guess costs its sender more time, and a sequential client (a typo, then the right
+        # password) never notices: its next request starts after the 401.
+        self._failure_pause = failure_pause
+        self._sleep = sleep
         self._verify = verify
         self._key = secrets.token_bytes(32)
         self._lock = threading.Lock()
@@ -158,7 +173,10 @@ class Gate:
         if not self._slots.acquire(blocking=False):
             return BUSY
         try:
+            started = time.monotonic()
             user = self.check_password(users, *name_password)
+            if user is None and self._failure_pause > 0:
+                self._sleep((time.monotonic() - started) * self._failure_pause)
         finally:
             self._slots.release()
         if user is None:
@@ -231,6 +249,7 @@ def create_app():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gate %(levelname)s %(message)s")
     directory = Path(os.environ.get("USERS_DIR", "/var/lib/mlflow-stack/users"))
     slots = int(os.environ.get("GATE_BCRYPT_SLOTS", "1"))
-    gate = Gate(UserStore(directory), bcrypt_slots=slots)
+    pause = float(os.environ.get("GATE_FAILURE_PAUSE", "1"))
+    gate = Gate(UserStore(directory), bcrypt_slots=slots, failure_pause=pause)
     gate.refresh()
     return make_app(gate)

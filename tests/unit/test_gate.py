@@ -228,3 +228,22 @@ def test_identify_latin1_header_from_requests_accepted(gate, users_dir, bcrypt_h
     latin1 = "Basic " + base64.b64encode("rene:café".encode("latin-1")).decode()
     assert gate.identify(latin1) == ("rene", "editor")
     assert gate.identify(basic("rene", "café")) == ("rene", "editor")
+
+
+def test_identify_failed_check_pauses_holding_its_slot(users_dir, verify):
+    slot_taken_while_paused = []
+
+    def sleep(seconds):
+        slot_taken_while_paused.append((seconds > 0, gate.identify(basic("vera", "right"))))
+
+    gate = Gate(UserStore(users_dir), verify=verify, failure_pause=1.0, sleep=sleep)
+    assert gate.identify(basic("alice", "wrong")) is None
+    assert slot_taken_while_paused == [(True, BUSY)]
+    assert gate.identify(basic("vera", "right")) == ("vera", "viewer")
+
+
+def test_identify_right_password_never_pauses(users_dir, verify):
+    pauses = []
+    gate = Gate(UserStore(users_dir), verify=verify, failure_pause=1.0, sleep=pauses.append)
+    assert gate.identify(basic("alice", "right")) == ("alice", "admin")
+    assert pauses == []
