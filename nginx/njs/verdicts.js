@@ -12,7 +12,7 @@
 //   answer is remembered only for the exact request it judged;
 // - only 2xx answers are remembered, so a wrong password or a refused role always reaches
 //   the gate (and costs its bcrypt check or role check every time);
-// - an answer is remembered for at most the zone's timeout (AUTH_CACHE_SECONDS, 2 s). The
+// - an answer is remembered for at most the zone's timeout (AUTH_CACHE_TTL, default 2 s). The
 //   gate sees a changed users file on its very next request, so a removed, disabled or
 //   re-passworded user is refused within that timeout. The gate's own cache follows the file,
 //   so an expiry here costs one gate round trip, never a bcrypt check.
