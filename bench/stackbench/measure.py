@@ -1,9 +1,10 @@
 """The interleaved load scenarios: the path matrix, the wrong-password flood, 16 writers.
 
-Contract: every function returns raw ``WrkResult`` lists (one per repetition) and leaves the
-statistics to ``report``. Within a repetition every path of one (call, connections) cell runs
-back to back in a shuffled order, so slow phases of a noisy machine hit all paths alike and the
-per-repetition ratios stay fair.
+Contract: every function returns raw ``WrkResult`` lists (one per repetition, in repetition
+order; a path measured in fewer repetitions has them first) and leaves the statistics to
+``report``. Within a repetition every path of one (call, connections) cell runs back to back in
+a shuffled order, so slow phases of a noisy machine hit all paths alike and the per-repetition
+ratios stay fair.
 """
 
 import dataclasses
@@ -19,8 +20,9 @@ from stackbench.load import KINDS, Target, WrkResult, finish_wrk, run_wrk, start
 # a: through nginx and the gate; b: the same nginx without auth_request; c: the server's own
 # port, keep-alive and one connection per request; d: MLflow's basic-auth server, both ways
 # too (its launcher's keep-alive handling is not ours to fix, so it gets the better of both).
-PATHS = ("auth", "noauth", "direct-ka", "direct-close", "basic-ka", "basic-close")
+STACK_PATHS = ("auth", "noauth", "direct-ka", "direct-close")
 BASELINE_PATHS = ("basic-ka", "basic-close")
+PATHS = STACK_PATHS + BASELINE_PATHS
 
 Results = dict[tuple[str, int, str], list[WrkResult]]
 SETTLE_STEP = 0.05  # seconds
@@ -110,25 +112,38 @@ def warm_up(bench: Bench, ops: list[str]) -> None:
 
 
 def matrix(
-    bench: Bench, ops: list[str], levels: list[int], wide: int | None, reps: int, wide_reps: int
+    bench: Bench,
+    ops: list[str],
+    levels: list[int],
+    wide: int | None,
+    reps: int,
+    wide_reps: int,
+    baseline_reps: int,
 ) -> Results:
-    """``reps`` repetitions of every (call, connections, path); ``wide`` connections only in
-    the first ``wide_reps`` of them (reported, not gated, and the costliest cell)."""
+    """``reps`` repetitions of every (call, connections) cell, one cell after the other.
+
+    A repetition runs each path once, back to back in a shuffled order; MLflow's basic-auth
+    paths only in the first ``baseline_reps`` (their goal has a wide margin, and they cost a
+    third of the time). ``wide`` connections get ``wide_reps`` repetitions (reported, not
+    gated). Many short runs rather than a few long ones: on this kind of VM a whole run is
+    faster or slower by ~10% at random, whatever its length, so precision comes from the
+    number of runs.
+    """
     results: Results = defaultdict(list)
     shuffle = random.Random(20260).shuffle
-    for rep in range(reps):
+    cells = [(op, conns) for op in ops for conns in levels]
+    cells += [(op, wide) for op in ops] if wide and wide_reps else []
+    for op, connections in cells:
         started = time.monotonic()
-        rep_levels = [*levels, wide] if wide and rep < wide_reps else levels
-        for op in ops:
-            for connections in rep_levels:
-                # Unmeasured: the call just switched, and whichever path came first would
-                # otherwise pay for it (e.g. reads after a burst of writes meet a long WAL).
-                bench.run("direct-ka", op, connections, seconds=1)
-                order = list(PATHS)
-                shuffle(order)
-                for path in order:
-                    results[(op, connections, path)].append(bench.run(path, op, connections))
-        progress(f"matrix repetition {rep + 1}/{reps} done in {time.monotonic() - started:.0f}s")
+        # Unmeasured: the call just switched, and whichever path came first would otherwise
+        # pay for it (e.g. reads after a burst of writes meet a long WAL).
+        bench.run("direct-ka", op, connections, seconds=1)
+        for rep in range(reps if connections in levels else wide_reps):
+            order = list(PATHS if rep < baseline_reps else STACK_PATHS)
+            shuffle(order)
+            for path in order:
+                results[(op, connections, path)].append(bench.run(path, op, connections))
+        progress(f"matrix {op}@{connections} done in {time.monotonic() - started:.0f}s")
     return results
 
 
@@ -152,19 +167,19 @@ def flood(
     """
     rounds: dict[int, list[FloodRound]] = defaultdict(list)
     target = bench.targets["auth"]
-    seconds = bench.seconds
+    seconds = max(2, bench.seconds)  # few repetitions here, so each measures a while
     for rep in range(reps):
         for connections in levels:
             flood_first = rep % 2 == 1  # alternate, so drift does not favour either side
             if not flood_first:
-                alone = bench.run("auth", "log-metric", connections)
+                alone = bench.run("auth", "log-metric", connections, seconds)
             bench.settle()
             attacker = start_wrk(target, "list", flood_connections, seconds + 2, wrong)
             time.sleep(1)  # the flood is at full speed before the measured window opens
-            flooded = bench.run("auth", "log-metric", connections, quiet=False)
+            flooded = bench.run("auth", "log-metric", connections, seconds, quiet=False)
             attack = finish_wrk(attacker, seconds + 2)
             if flood_first:
-                alone = bench.run("auth", "log-metric", connections)
+                alone = bench.run("auth", "log-metric", connections, seconds)
             rounds[connections].append(FloodRound(alone, flooded, attack))
     return rounds
 
