@@ -44,7 +44,7 @@ def post_worker_init(worker):
     # and sends 64 KiB at a time, each read a hop to a thread. With 1 MiB chunks (what the
     # MLflow client reads in) a 1 GiB download went from ~150 to ~450 MiB/s here; memory stays
     # bounded at one chunk per download in flight.
-    FileResponse.chunk_size = int(os.environ.get("SERVER_DOWNLOAD_CHUNK_BYTES", str(1 << 20)))
+    FileResponse.chunk_size = 1 << 20
     # A worker holds ~330,000 long-lived objects from importing MLflow, and every full garbage
     # collection walked them all, in the middle of some request. Frozen, collections walk only
     # what requests allocate: a runs search went from 55 to 40 ms here. SERVER_GC_FREEZE=false

@@ -58,10 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--baseline-repetitions",
         type=int,
+        default=15,
+        metavar="N",
+        help="repetitions of MLflow's basic-auth paths, the first N of the above (default 15)",
+    )
+    add(
+        "--flood-repetitions",
+        type=int,
         default=5,
         metavar="N",
-        help="repetitions of MLflow's basic-auth paths and of the flood, whose goals have wide "
-        "margins (default 5)",
+        help="repetitions of the password flood, 2 s or more each (default 5)",
     )
     add(
         "--duration",
@@ -103,10 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.repetitions, args.duration, args.wide_repetitions = 1, 1, 1
-        args.baseline_repetitions = 1
+        args.baseline_repetitions = args.flood_repetitions = 1
         args.artifact_mib = min(args.artifact_mib, 64)
-    counts = (args.repetitions, args.baseline_repetitions, args.duration, args.artifact_mib)
-    if min(*counts, args.flood_connections) < 1:
+    counts = (args.repetitions, args.baseline_repetitions, args.flood_repetitions)
+    if min(*counts, args.duration, args.artifact_mib, args.flood_connections) < 1:
         parser.error("counts and sizes must be at least 1")
     for path in args.compose_file:
         if not path.is_file():
@@ -129,7 +135,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     stack = BenchStack(tuple(path.resolve() for path in args.compose_file))
     report = Report(
-        list(KINDS), GATED_CONNECTIONS, args.repetitions, args.quick, args.baseline_repetitions
+        list(KINDS),
+        GATED_CONNECTIONS,
+        args.repetitions,
+        args.quick,
+        min(args.baseline_repetitions, args.repetitions),
+        args.flood_repetitions,
     )
     report.settings = (
         ", ".join(
@@ -198,7 +209,7 @@ def run(stack: BenchStack, report: Report, args: argparse.Namespace, since: str)
     wrong = basic(stack.user, stack.password + "-wrong")
     flood_since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     report.flood = measure.flood(
-        bench, GATED_CONNECTIONS, args.baseline_repetitions, args.flood_connections, wrong
+        bench, GATED_CONNECTIONS, args.flood_repetitions, args.flood_connections, wrong
     )
     time.sleep(4)  # the last tarpitted answers end (and are logged)
     report.flood_log = measure.flood_statuses(stack.logs("nginx", flood_since))

@@ -82,6 +82,7 @@ class Report:
     reps: int
     quick: bool
     baseline_reps: int = 0
+    flood_reps: int = 0
     settings: str = ""
     matrix: Results = dataclasses.field(default_factory=dict)
     flood: dict[int, list[FloodRound]] = dataclasses.field(default_factory=dict)
@@ -156,7 +157,7 @@ class Report:
         self.goals = []
         title = (
             f"MLflow stack benchmark: {self.reps} interleaved repetitions "
-            f"({self.baseline_reps} for MLflow basic-auth and the flood), medians"
+            f"({self.baseline_reps} for MLflow basic-auth, {self.flood_reps} of the flood), medians"
         )
         lines = [title + ("  (QUICK smoke run: not a measurement)" if self.quick else "")]
         if self.settings:
@@ -359,6 +360,7 @@ class Report:
         return {
             "reps": self.reps,
             "baseline_reps": self.baseline_reps,
+            "flood_reps": self.flood_reps,
             "quick": self.quick,
             "settings": self.settings,
             "cells": {f"{op}@{conns}": self.cell(op, conns) for op, conns in self.cells()},
