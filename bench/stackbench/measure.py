@@ -124,10 +124,10 @@ def matrix(
 
     A repetition runs each path once, back to back in a shuffled order; MLflow's basic-auth
     paths only in the first ``baseline_reps`` (they are a third of a repetition's time, and
-    their goal is a ratio of 1.3, not of 0.95). ``wide`` connections get ``wide_reps`` repetitions (reported, not
-    gated). Many short runs rather than a few long ones: on this kind of VM a whole run is
-    faster or slower by ~10% at random, whatever its length, so precision comes from the
-    number of runs.
+    their goal is a ratio of 1.3, not of 0.95). ``wide`` connections get ``wide_reps``
+    repetitions (reported, not gated). Many short runs rather than a few long ones: on this
+    kind of VM a whole run is faster or slower by ~10% at random, whatever its length, so
+    precision comes from the number of runs.
     """
     results: Results = defaultdict(list)
     shuffle = random.Random(20260).shuffle
