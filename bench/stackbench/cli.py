@@ -111,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repetitions, args.duration, args.wide_repetitions = 1, 1, 1
         args.baseline_repetitions = args.flood_repetitions = 1
         args.artifact_mib = min(args.artifact_mib, 64)
+    args.baseline_repetitions = min(args.baseline_repetitions, args.repetitions)
     counts = (args.repetitions, args.baseline_repetitions, args.flood_repetitions)
     if min(*counts, args.duration, args.artifact_mib, args.flood_connections) < 1:
         parser.error("counts and sizes must be at least 1")
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         GATED_CONNECTIONS,
         args.repetitions,
         args.quick,
-        min(args.baseline_repetitions, args.repetitions),
+        args.baseline_repetitions,
         args.flood_repetitions,
     )
     report.settings = (

@@ -24,6 +24,7 @@ RATIO_GOALS = (  # (cell key, goal name, lowest passing value)
     ("vs_direct", "auth-vs-direct-server", 0.90),
     ("vs_basic", "auth-vs-mlflow-basic-auth", 1.30),
 )
+RATIO_BASES = {"vs_noauth": "noauth", "vs_direct": "direct", "vs_basic": "basic"}
 MAX_ADDED_MS = 1.0
 MIN_KEPT_UNDER_FLOOD = 0.80
 MIN_TRANSFER_RATIO = 0.90
@@ -107,38 +108,41 @@ class Report:
         mode = "close" if rates["close"] > rates["ka"] else "ka"
         return mode, runs[mode]
 
+    def _paths(self, op: str, conns: int) -> dict[str, list[WrkResult]]:
+        """The runs each comparison uses in one cell: auth, noauth, and the better modes."""
+        return {
+            "auth": self.matrix[(op, conns, "auth")],
+            "noauth": self.matrix[(op, conns, "noauth")],
+            "direct": self.better_mode(op, conns, "direct")[1],
+            "basic": self.better_mode(op, conns, "basic")[1],
+        }
+
+    @staticmethod
+    def _ratios(paths: dict[str, list[WrkResult]], other: str) -> list[float | None]:
+        """Per-repetition auth/``other`` ratios; zip pairs each run of a path measured in
+        fewer repetitions with the authenticated run of its own repetition."""
+        return [_ratio(a, b) for a, b in zip(paths["auth"], paths[other], strict=False)]
+
     def cell(self, op: str, conns: int) -> dict:
-        """Medians of one (call, connections) cell: per path, and per-repetition ratios
-        (zip pairs each baseline run with the authenticated run of its repetition)."""
-        auth = self.matrix[(op, conns, "auth")]
-        noauth = self.matrix[(op, conns, "noauth")]
-        direct_mode, direct = self.better_mode(op, conns, "direct")
-        basic_mode, basic = self.better_mode(op, conns, "basic")
-        paths = {"auth": auth, "noauth": noauth, "direct": direct, "basic": basic}
+        """Medians of one (call, connections) cell: per path, and per-repetition ratios."""
+        paths = self._paths(op, conns)
+        auth, noauth = paths["auth"], paths["noauth"]
         return {
             "rate": {name: median(r.rate for r in runs) for name, runs in paths.items()},
             "cpu": {name: median(r.cpu_per_request for r in runs) for name, runs in paths.items()},
             "p50": {name: median(r.p50_ms for r in runs) for name, runs in paths.items()},
-            "mode": {"direct": direct_mode, "basic": basic_mode},
-            "vs_noauth": median(_ratio(a, b) for a, b in zip(auth, noauth, strict=False)),
-            "vs_direct": median(_ratio(a, b) for a, b in zip(auth, direct, strict=False)),
-            "vs_basic": median(_ratio(a, b) for a, b in zip(auth, basic, strict=False)),
+            "mode": {p: self.better_mode(op, conns, p)[0] for p in ("direct", "basic")},
+            **{key: median(self._ratios(paths, other)) for key, other in RATIO_BASES.items()},
             "added_ms": median(a.p50_ms - b.p50_ms for a, b in zip(auth, noauth, strict=False)),
             "reps": {name: len(runs) for name, runs in paths.items()},
         }
 
     def _pooled(self, key: str) -> list[float | None]:
         """Every per-repetition ratio ``key`` of the gated cells."""
-        other = {"vs_noauth": "noauth", "vs_direct": "direct", "vs_basic": "basic"}[key]
         ratios = []
         for op, conns in self.cells():
             if conns in self.levels:
-                auth = self.matrix[(op, conns, "auth")]
-                if other == "noauth":
-                    base = self.matrix[(op, conns, "noauth")]
-                else:
-                    base = self.better_mode(op, conns, other)[1]
-                ratios += [_ratio(a, b) for a, b in zip(auth, base, strict=False)]
+                ratios += self._ratios(self._paths(op, conns), RATIO_BASES[key])
         return ratios
 
     def cells(self) -> list[tuple[str, int]]:
