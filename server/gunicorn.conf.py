@@ -25,13 +25,11 @@ errorlog = "-"
 
 def post_worker_init(worker):
     """Tune each worker once MLflow is imported, before it serves a request."""
-    from starlette.responses import FileResponse  # imported by MLflow's app already
-
     # Beside this file in the image; gunicorn does not put a config file's directory on the path.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import accel
 
-    # Downloads through nginx: nginx sends the file itself (accel.py says how and why).
+    # Downloads: nginx sends the file itself, else big chunks (accel.py says how and why).
     accel.install()
     # MLflow's runs search (and /graphql) run `from mlflow.server import auth` on every call,
     # to apply MLflow's own permissions. This stack authenticates at the edge and never runs
@@ -40,11 +38,6 @@ def post_worker_init(worker):
     # absent, the same ImportError is immediate. tests/unit/test_server_tuning.py fails once
     # the pinned MLflow stops importing it per call.
     sys.modules.setdefault("mlflow.server.auth", None)
-    # Downloads straight from the server (no nginx in front): Starlette's FileResponse reads
-    # and sends 64 KiB at a time, each read a hop to a thread. With 1 MiB chunks (what the
-    # MLflow client reads in) a 1 GiB download went from ~150 to ~450 MiB/s here; memory stays
-    # bounded at one chunk per download in flight.
-    FileResponse.chunk_size = 1 << 20
     # A worker holds ~330,000 long-lived objects from importing MLflow, and every full garbage
     # collection walked them all, in the middle of some request. Frozen, collections walk only
     # what requests allocate: a runs search went from 55 to 40 ms here. SERVER_GC_FREEZE=false

@@ -26,9 +26,10 @@ def artifact(tmp_path):
 
 @pytest.fixture
 def installed():
+    chunk_size = FileResponse.chunk_size
     accel.install()
     yield
-    FileResponse.__call__ = accel._starlette_call
+    FileResponse.__call__, FileResponse.chunk_size = accel._starlette_call, chunk_size
 
 
 def _answer(response: FileResponse, headers) -> tuple[dict, bytes]:
