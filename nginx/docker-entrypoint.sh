@@ -41,8 +41,28 @@ check_auth_cache_ttl() {
     esac
 }
 
+# The per-installation secret nginx sends to the gate and the server, which refuse requests
+# without it (scripts/mlflowstack/stacksecrets.py). Kept out of conf.d, so that
+# "stackctl config render" never prints it; root-only, like the key of a certificate.
+render_proxy_secret() {
+    secret_file=${PROXY_SECRET_FILE:-/var/lib/mlflow-stack/secrets/proxy-secret}
+    secret=$(cat "$secret_file" 2>/dev/null || true)
+    if ! printf '%s' "$secret" | grep -Eq '^[0-9a-f]{32,128}$'; then
+        echo "docker-entrypoint: no proxy secret in $secret_file: the gate and the server will refuse every request" >&2
+        secret=missing
+    fi
+    mkdir -p /etc/nginx/private
+    (
+        umask 077
+        # shellcheck disable=SC2016  # $pid is nginx's variable
+        printf 'map $pid $stack_proxy_secret {\n    default "%s";\n}\n' "$secret" \
+            > /etc/nginx/private/proxy-secret.conf
+    )
+}
+
 check_auth_cache_ttl
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
+render_proxy_secret
 
 # Only our variables are substituted, so nginx's own $variables survive.
 # shellcheck disable=SC2016  # envsubst wants the names literally

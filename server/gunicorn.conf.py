@@ -5,6 +5,8 @@ import os
 import sys
 
 bind = "0.0.0.0:5000"
+# guard.py and accel.py live beside this file; the app (guard:create_app()) is imported from it.
+pythonpath = os.path.dirname(os.path.abspath(__file__))
 # uvicorn workers: MLflow's app is ASGI (streaming artifact router, OTLP) with the Flask API
 # mounted inside it; gunicorn supervises them without uvicorn's keep-alive stall.
 worker_class = "uvicorn_worker.UvicornWorker"
@@ -16,7 +18,8 @@ keepalive = 75
 # a worker that is truly stuck.
 timeout = int(os.environ.get("SERVER_WORKER_TIMEOUT", "300"))
 graceful_timeout = 30
-# Only nginx can reach this port (internal network), so its forwarded headers are trusted.
+# Only requests that carry nginx's proxy secret reach MLflow (guard.py), and nginx writes
+# X-Forwarded-For and -Proto itself, so forwarded headers are trusted.
 forwarded_allow_ips = "*"
 # nginx writes the access log with the authenticated user; a second log here only costs time.
 accesslog = None
@@ -25,7 +28,7 @@ errorlog = "-"
 
 def post_worker_init(worker):
     """Tune each worker once MLflow is imported, before it serves a request."""
-    # Beside this file in the image; gunicorn does not put a config file's directory on the path.
+    # (gunicorn's pythonpath has done this already; kept for hooks run on their own.)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import accel
 

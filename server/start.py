@@ -88,8 +88,24 @@ def server_environment(env: dict[str, str]) -> dict[str, str]:
         "_MLFLOW_SGI_NAME": "uvicorn",
         "_MLFLOW_IN_JOB_EXECUTOR": "false",
         **security_environment(env.get("PUBLIC_HOSTNAME", "")),
+        **telemetry_environment(env.get("MLFLOW_TELEMETRY", "")),
     }
     return {**env, **derived}
+
+
+def telemetry_environment(value: str) -> dict[str, str]:
+    """MLflow's usage telemetry: off unless ``MLFLOW_TELEMETRY`` is ``on`` (a private server)."""
+    value = value.strip().lower() or "off"
+    if value not in {"on", "off"}:
+        raise SettingError(f"MLFLOW_TELEMETRY: {value!r} is not on or off")
+    if value == "on":
+        return {"MLFLOW_DISABLE_TELEMETRY": "false"}
+    return {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+def read_proxy_secret(env: dict[str, str]) -> str:
+    with open(env["PROXY_SECRET_FILE"], encoding="ascii") as file:
+        return file.read().strip()
 
 
 def job_execution_enabled(env: dict[str, str]) -> bool:
@@ -125,7 +141,8 @@ def gunicorn_command() -> list[str]:
         "gunicorn",
         "--config",
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "gunicorn.conf.py"),
-        "mlflow.server.fastapi_app:app",
+        # MLflow's FastAPI app behind the proxy-secret and identity checks (guard.py).
+        "guard:create_app()",
     ]
 
 
@@ -142,6 +159,8 @@ def run_with_job_runner(env: dict[str, str]) -> int:
         "MLFLOW_BACKEND_STORE_URI": env[_BACKEND_STORE],
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
         "MLFLOW_GATEWAY_URI": "http://127.0.0.1:5000",
+        # guard.py admits the job runner's calls by the proxy secret as a bearer token.
+        "MLFLOW_TRACKING_TOKEN": read_proxy_secret(env),
     }
     _launch_job_execution_runner(job_env, server.pid)
     return server.wait()

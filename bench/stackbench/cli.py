@@ -241,14 +241,15 @@ def prepare(stack: BenchStack, seconds: int) -> Bench:
     # ordinary (non-admin) MLflow user would.
     baseline_ids = api.seed(ports.basicauth, auth, "bench")
 
-    def target(port, close=False, on=ids):
-        return Target(port, auth, on[0], on[1], close)
+    def target(port, close=False, on=ids, authorization=auth):
+        return Target(port, authorization, on[0], on[1], close)
 
+    internal = "Bearer " + stack.proxy_secret()
     targets = {
         "auth": target(ports.edge),
         "noauth": target(ports.noauth),
-        "direct-ka": target(ports.direct),
-        "direct-close": target(ports.direct, close=True),
+        "direct-ka": target(ports.direct, authorization=internal),
+        "direct-close": target(ports.direct, close=True, authorization=internal),
         "basic-ka": target(ports.basicauth, on=baseline_ids),
         "basic-close": target(ports.basicauth, close=True, on=baseline_ids),
     }

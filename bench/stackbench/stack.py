@@ -150,6 +150,12 @@ class BenchStack:
             input=password + "\n",
         )
 
+    def proxy_secret(self) -> str:
+        """nginx's secret for the server: "direct" presents it as a bearer token, as the job
+        runner does (server/guard.py), so the bare server accepts the benchmark's calls."""
+        path = "/var/lib/mlflow-stack/secrets/proxy-secret"
+        return self.compose("exec", "-T", "auth", "cat", path).strip()
+
     def logs(self, service: str, since: str) -> str:
         return self.compose("--profile", "bench", "logs", "--no-color", "--since", since, service)
 

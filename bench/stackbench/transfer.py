@@ -90,7 +90,12 @@ def artifacts(stack: BenchStack, experiment_id: str, size: int, rounds: int) -> 
             "MLFLOW_TRACKING_USERNAME": stack.user,
             "MLFLOW_TRACKING_PASSWORD": stack.password,
         },
-        "direct": {**base, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{stack.ports.direct}"},
+        "direct": {
+            **base,
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{stack.ports.direct}",
+            # The bare server admits the proxy secret as a bearer token (server/guard.py).
+            "MLFLOW_TRACKING_TOKEN": stack.proxy_secret(),
+        },
     }
     sampler = _Sampler(lambda: stack.memory_bytes("nginx"))
     idle = stack.memory_bytes("nginx")

@@ -16,33 +16,60 @@
 //   gate sees a changed users file on its very next request, so a removed, disabled or
 //   re-passworded user is refused within that timeout. The gate's own cache follows the file,
 //   so an expiry here costs one gate round trip, never a bcrypt check.
+//
+// Contract of the nginx -> gate boundary (the other end: scripts/mlflowstack/forwarded.py):
+// - nothing decoded and client-controlled goes into a header: the path goes to the gate
+//   percent-encoded byte by byte (escapePath), so it cannot hold a control character, and the
+//   site refuses a decoded path with one (400) before it gets here anyway;
+// - every question carries a fresh random nonce, and an answer that does not echo it is not
+//   an answer to this question (a desynchronised keep-alive connection to the gate): it is
+//   logged and refused, never granted, never remembered.
 
 const hashes = require("crypto");
 
 // Copied from the gate's answer onto ours, where auth_request_set reads them ($sent_http_*).
 const RELAYED_HEADERS = ["X-Gate-User", "X-Gate-Reason", "WWW-Authenticate"];
 
+// Bytes that stand for themselves in an escaped path; must match forwarded.py.
+const PATH_SAFE = /^[A-Za-z0-9\/._~-]$/;
+
+function escapePath(raw) {
+    let escaped = "";
+    for (let i = 0; i < raw.length; i++) {
+        const byte = raw[i];
+        const ch = String.fromCharCode(byte);
+        escaped += PATH_SAFE.test(ch) ? ch : "%" + (byte < 16 ? "0" : "") + byte.toString(16).toUpperCase();
+    }
+    return escaped;
+}
+
+function randomHex(bytes) {
+    return Buffer.from(crypto.getRandomValues(new Uint8Array(bytes))).toString("hex");
+}
+
 function hmacKey() {
     const zone = ngx.shared.gate_secret;
     let key = zone.get("hmac");
     if (key === undefined) {
-        const random = Buffer.from(crypto.getRandomValues(new Uint8Array(32)));
         // (crypto: the WebCrypto global.) add() keeps the first worker's key when two
         // workers race here.
-        zone.add("hmac", random.toString("hex"));
+        zone.add("hmac", randomHex(32));
         key = zone.get("hmac");
     }
     return key;
 }
 
-function verdictKey(r, authorization) {
+function verdictKey(r, authorization, path) {
     const digest = hashes.createHmac("sha256", hmacKey()).update(authorization).digest("base64");
-    return `${digest} ${r.variables.request_method} ${r.variables.mlflow_path}`;
+    return `${digest} ${r.variables.request_method} ${path}`;
 }
 
 async function authorize(r) {
     const authorization = r.headersIn.Authorization;
-    const key = authorization ? verdictKey(r, authorization) : null;
+    // $mlflow_path: the client request's normalized $uri, set in its location (this runs in
+    // the auth_request subrequest, whose own $uri is /_auth).
+    const path = escapePath(r.rawVariables.mlflow_path);
+    const key = authorization ? verdictKey(r, authorization, path) : null;
     if (key !== null) {
         const user = ngx.shared.gate_verdicts.get(key);
         if (user !== undefined) {
@@ -51,7 +78,15 @@ async function authorize(r) {
             return;
         }
     }
-    const reply = await r.subrequest("/_gate");
+    const nonce = randomHex(16);
+    // Both are [0-9A-Za-z%/._~-] only, safe as they are in the subrequest's query string; the
+    // /_gate location copies them into the gate's X-Gate-Nonce and X-Original-Path headers.
+    const reply = await r.subrequest("/_gate", { args: `nonce=${nonce}&path=${path}` });
+    if (reply.headersOut["X-Gate-Nonce"] !== nonce) {
+        r.error(`gate answered ${reply.status} without this request's nonce; refused`);
+        r.return(502);
+        return;
+    }
     // (njs has no for...of.)
     RELAYED_HEADERS.forEach((name) => {
         const value = reply.headersOut[name];
@@ -59,8 +94,9 @@ async function authorize(r) {
             r.headersOut[name] = value;
         }
     });
-    if (key !== null && reply.status >= 200 && reply.status < 300) {
-        ngx.shared.gate_verdicts.set(key, reply.headersOut["X-Gate-User"] || "-");
+    const user = reply.headersOut["X-Gate-User"];
+    if (key !== null && reply.status >= 200 && reply.status < 300 && user) {
+        ngx.shared.gate_verdicts.set(key, user);
     }
     r.return(reply.status);
 }

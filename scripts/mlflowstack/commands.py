@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mlflowstack.files import PUBLIC_MODE, SECRET_MODE, BundleError, create_file
+from mlflowstack.stacksecrets import ensure_proxy_secret
 from mlflowstack.users import UserStore, validate_name, validate_password
 
 INITIAL_ADMIN = "admin"
@@ -193,11 +194,16 @@ def token_list(args) -> int:
 
 
 def bootstrap(args) -> int:
-    """Create the first admin with a random password if the users file has no user at all.
+    """Create what a first start needs and is missing: the proxy secret (when ``SECRETS_DIR``
+    is set, as in the stack's ``init`` service) and, if the users file has no user at all, the
+    first admin with a random password.
 
     The password goes to a mode-0600 file in the users directory, never to a log.
     """
     store = _store_or_delegate(args)
+    secrets_dir = os.environ.get("SECRETS_DIR")
+    if secrets_dir and ensure_proxy_secret(Path(secrets_dir)):
+        print(f"bootstrap: created the proxy secret in {secrets_dir}", file=sys.stderr)
     if store.load_users().users:
         print("bootstrap: users exist, nothing to do", file=sys.stderr)
         return 0

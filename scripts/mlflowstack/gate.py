@@ -2,13 +2,17 @@
 
 Contract (WSGI, served by gunicorn; see auth/gunicorn.conf.py):
 
-- ``GET /auth`` with the client's ``Authorization`` header and ``X-Original-Method`` /
-  ``X-Original-Path`` (nginx's normalized ``$uri``) answers 204 with ``X-Gate-User`` when the
-  credentials are valid and the role allows the request; 401 with a Basic challenge when they
-  are missing or wrong; 403 when the role forbids the request; 403 with
+- ``GET /auth`` with the client's ``Authorization`` header and the fields of
+  :mod:`mlflowstack.forwarded` (method, percent-encoded normalized path, nonce, client address)
+  answers 400 when those fields are not exactly what our nginx writes (before any credential
+  is looked at); else 204 with ``X-Gate-User`` (percent-encoded) when the credentials are
+  valid and the role allows the request; 401 with a Basic challenge when they are missing or
+  wrong; 403 when the role forbids the request; 403 with
   ``X-Gate-Reason: busy`` when every bcrypt slot is taken (nginx turns that into a 429,
   since auth_request passes only 2xx/401/403 through). A failed check keeps its slot for
   ``GATE_FAILURE_PAUSE`` times its own duration before answering 401.
+- Every ``/auth`` answer echoes the request's ``X-Gate-Nonce``, so nginx can tell that an
+  answer belongs to the question it asked (see :mod:`mlflowstack.forwarded`).
 - ``GET /health`` answers 204.
 
 Speed without weakening the passwords: a verified ``Authorization`` header is remembered under
@@ -35,7 +39,8 @@ import threading
 import time
 from pathlib import Path
 
-from mlflowstack import access
+from mlflowstack import access, forwarded
+from mlflowstack.stacksecrets import read_proxy_secret
 from mlflowstack.users import (
     MAX_PASSWORD_BYTES,
     MIN_BCRYPT_COST,
@@ -149,8 +154,11 @@ class Gate:
         self._verify(_PLACEHOLDER, self.dummy_hash(self._dummy_cost))
         return None
 
-    def identify(self, authorization: str):
-        """Return (name, role) for valid credentials, None for invalid ones, or BUSY."""
+    def identify(self, authorization: str, client: str = ""):
+        """Return (name, role) for valid credentials, None for invalid ones, or BUSY.
+
+        ``client`` is the address nginx saw the request come from.
+        """
         self.refresh()
         scheme, _, credentials = authorization.partition(" ")
         scheme = scheme.lower()
@@ -219,8 +227,21 @@ def _respond(start_response, status: str, headers: list[tuple[str, str]]):
     return [b""]
 
 
-def make_app(gate: Gate):
-    """The WSGI callable gunicorn serves."""
+def user_header_value(name: str) -> str:
+    """The user's name as ``X-Gate-User`` carries it: UTF-8, percent-encoded byte by byte.
+
+    nginx logs it and keeps it in its verdict memory; whatever a hand-edited users file holds,
+    the header stays printable ASCII without spaces, quotes or backslashes. Names that
+    ``stackctl`` accepts in plain ASCII (``alice``, ``alice@example.com``) are unchanged.
+    """
+    return "".join(
+        chr(b) if 0x21 <= b <= 0x7E and b not in b'%"\\' else f"%{b:02X}"
+        for b in name.encode("utf-8")
+    )
+
+
+def make_app(gate: Gate, proxy_secret: bytes):
+    """The WSGI callable gunicorn serves (the contract is in this module's docstring)."""
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "")
@@ -228,20 +249,30 @@ def make_app(gate: Gate):
             return _respond(start_response, "204 No Content", [])
         if path != "/auth":
             return _respond(start_response, "404 Not Found", [])
-        identity = gate.identify(environ.get("HTTP_AUTHORIZATION", ""))
+        request = forwarded.parse(environ, proxy_secret)
+        if request is None:
+            # Not written by our nginx: refused before any credential is looked at.
+            nonce = forwarded.nonce_of(environ)
+            return _respond(start_response, "400 Bad Request", _echo(nonce))
+        echo = _echo(request.nonce)
+        identity = gate.identify(environ.get("HTTP_AUTHORIZATION", ""), request.client)
         if identity is None:
-            return _respond(start_response, "401 Unauthorized", [("WWW-Authenticate", _CHALLENGE)])
+            return _respond(
+                start_response, "401 Unauthorized", [("WWW-Authenticate", _CHALLENGE), *echo]
+            )
         if identity == BUSY:
-            return _respond(start_response, "403 Forbidden", [("X-Gate-Reason", BUSY)])
+            return _respond(start_response, "403 Forbidden", [("X-Gate-Reason", BUSY), *echo])
         name, role = identity
-        method = environ.get("HTTP_X_ORIGINAL_METHOD", "GET")
-        original_path = environ.get("HTTP_X_ORIGINAL_PATH", "/")
-        user_header = ("X-Gate-User", name.encode("utf-8").decode("latin-1"))
-        if not access.allowed(role, method, original_path):
-            return _respond(start_response, "403 Forbidden", [user_header])
-        return _respond(start_response, "204 No Content", [user_header])
+        user_header = ("X-Gate-User", user_header_value(name))
+        if not access.allowed(role, request.method, request.path):
+            return _respond(start_response, "403 Forbidden", [user_header, *echo])
+        return _respond(start_response, "204 No Content", [user_header, *echo])
 
     return app
+
+
+def _echo(nonce: str | None) -> list[tuple[str, str]]:
+    return [("X-Gate-Nonce", nonce)] if nonce else []
 
 
 def create_app():
@@ -250,6 +281,13 @@ def create_app():
     directory = Path(os.environ.get("USERS_DIR", "/var/lib/mlflow-stack/users"))
     slots = int(os.environ.get("GATE_BCRYPT_SLOTS", "1"))
     pause = float(os.environ.get("GATE_FAILURE_PAUSE", "1"))
+    secret_dir = Path(os.environ.get("SECRETS_DIR", "/var/lib/mlflow-stack/secrets"))
+    try:
+        proxy_secret = read_proxy_secret(secret_dir)
+    except OSError as error:
+        raise SystemExit(f"gate: proxy secret: {error}") from None
+    if len(proxy_secret) < 32:
+        raise SystemExit(f"gate: proxy secret in {secret_dir} is too short")
     gate = Gate(UserStore(directory), bcrypt_slots=slots, failure_pause=pause)
     gate.refresh()
-    return make_app(gate)
+    return make_app(gate, proxy_secret)

@@ -89,6 +89,29 @@ class Stack:
             "run", "--rm", "-T", "--entrypoint", "sh", "stackctl", "-c", script, input=line
         )
 
+    def raw(self, request: bytes, timeout: float = 10) -> int:
+        """Send bytes exactly as given on a new connection; the answer's status (0: none)."""
+        with socket.create_connection(("127.0.0.1", PORT), timeout=timeout) as sock:
+            sock.sendall(request)
+            try:
+                status_line = sock.makefile("rb").readline(200)
+            except (TimeoutError, ConnectionError):
+                return 0
+        parts = status_line.split()
+        return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", service)
+
+    def unverified_requests_seen_by_server(self) -> list[str]:
+        """The server's log lines about requests that came without nginx's proxy secret or
+        without a verified user (server/guard.py refuses and logs each one)."""
+        return [
+            line
+            for line in self.logs("server").splitlines()
+            if "refused: no verified user" in line or "refused: not from the proxy" in line
+        ]
+
     def wait_for_status(self, expected: int, auth, path="/api/2.0/mlflow/experiments/search"):
         """Poll until a request gets ``expected``; return the seconds it took (at most 5).
 

@@ -2,6 +2,7 @@ import base64
 
 import pytest
 from mlflowstack import gate as gate_module
+from mlflowstack.forwarded import escape_path
 from mlflowstack.gate import BUSY, Gate, make_app
 from mlflowstack.users import UserStore, bcrypt_cost
 
@@ -186,7 +187,12 @@ def test_identify_expired_token_refused(gate, users_dir, monkeypatch):
     assert gate.identify(f"Bearer {secret}") is None
 
 
-def call(app, authorization="", method="GET", path="/api/2.0/mlflow/experiments/search"):
+NONCE = "0123456789abcdef0123456789abcdef"
+SECRET = b"5e" * 32
+
+
+def call(app, authorization="", method="GET", path="/api/2.0/mlflow/experiments/search", **extra):
+    """Ask the app as nginx does: the path escaped, a nonce, the client's address."""
     seen = {}
 
     def start_response(status, headers):
@@ -196,28 +202,73 @@ def call(app, authorization="", method="GET", path="/api/2.0/mlflow/experiments/
         "PATH_INFO": "/auth",
         "HTTP_AUTHORIZATION": authorization,
         "HTTP_X_ORIGINAL_METHOD": method,
-        "HTTP_X_ORIGINAL_PATH": path,
+        "HTTP_X_ORIGINAL_PATH": escape_path(path.encode("utf-8")),
+        "HTTP_X_GATE_NONCE": NONCE,
+        "HTTP_X_CLIENT_ADDRESS": "192.0.2.7",
+        "HTTP_X_STACK_PROXY_SECRET": SECRET.decode(),
+        **extra,
     }
     app(environ, start_response)
     return seen["status"].split()[0], seen["headers"]
 
 
 def test_app_no_credentials_401_with_challenge(gate):
-    status, headers = call(make_app(gate))
+    status, headers = call(make_app(gate, SECRET))
     assert status == "401" and headers["WWW-Authenticate"].startswith("Basic ")
 
 
 def test_app_viewer_write_403_and_read_204(gate):
-    app = make_app(gate)
+    app = make_app(gate, SECRET)
     assert call(app, basic("vera", "right"), "POST", "/api/2.0/mlflow/runs/create")[0] == "403"
     status, headers = call(app, basic("vera", "right"), "GET", "/api/2.0/mlflow/runs/get")
     assert status == "204" and headers["X-Gate-User"] == "vera"
 
 
+@pytest.mark.parametrize("status_of", ["grant", "refusal", "challenge", "malformed"])
+def test_app_every_answer_echoes_nonce(gate, status_of):
+    app = make_app(gate, SECRET)
+    cases = {
+        "grant": lambda: call(app, basic("vera", "right")),
+        "refusal": lambda: call(app, basic("vera", "right"), "POST", "/api/2.0/mlflow/runs/create"),
+        "challenge": lambda: call(app),
+        "malformed": lambda: call(app, basic("vera", "right"), HTTP_X_ORIGINAL_METHOD="get"),
+    }
+    assert cases[status_of]()[1]["X-Gate-Nonce"] == NONCE
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("HTTP_X_ORIGINAL_PATH", "/api/2.0/mlflow/runs/get\r\nGET /health HTTP/1.1"),
+        ("HTTP_X_ORIGINAL_PATH", "/x%0D%0AGET%20/health"),
+        ("HTTP_X_ORIGINAL_PATH", "/x%00"),
+        ("HTTP_X_ORIGINAL_PATH", "/a/../api/2.0/mlflow/runs/get"),
+        ("HTTP_X_ORIGINAL_PATH", ""),
+        ("HTTP_X_ORIGINAL_METHOD", "GET\r\n"),
+        ("HTTP_X_GATE_NONCE", ""),
+        ("HTTP_X_GATE_NONCE", "X" * 32),
+        ("HTTP_X_CLIENT_ADDRESS", "not-an-address"),
+        ("HTTP_X_STACK_PROXY_SECRET", ""),
+        ("HTTP_X_STACK_PROXY_SECRET", "5e" * 31 + "5f"),
+    ],
+)
+def test_app_malformed_field_400_before_credentials(gate, field, value):
+    checks = []
+    gate._verify = lambda *args: checks.append(args) or True
+    status, headers = call(make_app(gate, SECRET), basic("vera", "right"), **{field: value})
+    assert status == "400" and "X-Gate-User" not in headers and checks == []
+
+
+def test_app_user_name_non_ascii_quote_percent_escaped_in_header(gate, users_dir, bcrypt_hash):
+    (users_dir / "htpasswd").write_text(f'r\u00e9n"%\\@x:{bcrypt_hash("pw")}\n')
+    status, headers = call(make_app(gate, SECRET), basic('r\u00e9n"%\\@x', "pw"))
+    assert status == "204" and headers["X-Gate-User"] == "r%C3%A9n%22%25%5C@x"
+
+
 def test_app_busy_403_with_reason(gate):
     gate._slots.acquire()
     try:
-        status, headers = call(make_app(gate), basic("vera", "right"))
+        status, headers = call(make_app(gate, SECRET), basic("vera", "right"))
     finally:
         gate._slots.release()
     assert status == "403" and headers["X-Gate-Reason"] == "busy"

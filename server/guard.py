@@ -1,0 +1,234 @@
+"""The server's side of the nginx -> server boundary: MLflow sees only what nginx vouched for.
+
+Contract (an ASGI middleware around MLflow's FastAPI app; gunicorn serves ``guard:create_app()``):
+
+- Every request except ``GET``/``HEAD /health`` (the container's own healthcheck) must carry the
+  per-installation proxy secret that only nginx knows (``X-Stack-Proxy-Secret``; generated at
+  first start into the secrets volume, see ``stackctl bootstrap``). Without it: 403, one log
+  line. So a process on the Docker host that reaches the server's bridge address gets nothing.
+  The job runner inside this container (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``) presents the
+  same secret as a bearer token, since nginx removes every client's ``Authorization``.
+- A request from nginx must also name the user the gate verified (``X-Stack-User``, the
+  gate's percent-encoded name; nginx sets it only after the gate said yes and removes any
+  client's copy). Without it: 403 and a ``no verified user`` log line, which the stack tests
+  look for. This is the invariant checked from the far side: **MLflow never sees a request
+  without a verified identity**, its own health check aside.
+- Host names are case-insensitive; nginx accepts any case, so the ``Host`` header is
+  lower-cased before MLflow's allowed-hosts check compares it.
+- A state-changing request (not GET/HEAD/OPTIONS) with an ``Origin`` must come from the
+  stack's own origin: one of ``ALLOWED_ORIGINS`` when ``PUBLIC_HOSTNAME`` names hosts, else
+  exactly the request's own ``Host``. A plain HTML form on a foreign site can no longer
+  overwrite an artifact (MLflow's CORS is ``*`` when no host list is set).
+- ``experiments/create`` may not choose an artifact location outside the stack's artifact
+  root: only ``mlflow-artifacts:/`` URIs without ``..`` pass, so an editor cannot make the
+  server write into its database volume or its own file system.
+
+Refusals never echo client text; log lines carry only escaped, bounded values.
+"""
+
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+log = logging.getLogger("mlflow_stack.guard")
+
+SECRET_HEADER = b"x-stack-proxy-secret"
+USER_HEADER = b"x-stack-user"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_CREATE_EXPERIMENT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/experiments/create")
+_ARTIFACT_LOCATION_KEYS = frozenset({"artifactlocation"})
+_ALLOWED_LOCATION = re.compile(r"mlflow-artifacts:/[A-Za-z0-9._~/-]*")
+_USER = re.compile(r"[\x21-\x7e]{1,512}")
+MAX_CREATE_BODY = 1 << 20
+
+
+class GuardError(RuntimeError):
+    """The guard cannot start (missing or unusable secret)."""
+
+
+def _printable(value: bytes | str, limit: int = 120) -> str:
+    """A bounded, escaped rendering of client text for a log line."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return ascii(value[:limit])
+
+
+def read_secret(path: Path) -> bytes:
+    """The proxy secret from its file: 32+ hex characters, or GuardError."""
+    try:
+        secret = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise GuardError(f"proxy secret {path}: {error}") from None
+    if not re.fullmatch(r"[0-9a-f]{32,128}", secret):
+        raise GuardError(f"proxy secret {path}: not 32-128 lower-case hex characters")
+    return secret.encode("ascii")
+
+
+def origin_allowed(origin: str, host: str, allowed_origins: list[str]) -> bool:
+    """Whether a state-changing request from ``origin`` may reach MLflow.
+
+    ``allowed_origins`` (exact ``scheme://host[:port]`` values, or ``*`` patterns as MLflow
+    writes them) applies when non-empty and not ``*``; otherwise the origin's host and port
+    must be the request's own ``Host``.
+    """
+    origin = origin.strip().lower()
+    if allowed_origins and "*" not in allowed_origins:
+        import fnmatch
+
+        return any(
+            fnmatch.fnmatchcase(origin, allowed) if "*" in allowed else origin == allowed
+            for allowed in (a.lower() for a in allowed_origins)
+        )
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+        return False
+    return parts.netloc == host.lower()
+
+
+def artifact_location_problem(body: bytes) -> str | None:
+    """Why an experiments/create body asks for a forbidden artifact location, or None.
+
+    Parsed as Flask parses it for MLflow (``json.loads`` on the bytes, encoding detected), and
+    every spelling protobuf accepts (``artifact_location``, ``artifactLocation``) is checked.
+    """
+    try:
+        document = json.loads(body) if body.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        return "the request body is not JSON"
+    if not isinstance(document, dict):
+        return None
+    for key, value in document.items():
+        if key.replace("_", "").lower() not in _ARTIFACT_LOCATION_KEYS or value in (None, ""):
+            continue
+        if not isinstance(value, str) or not _ALLOWED_LOCATION.fullmatch(value):
+            return "artifact_location must be an mlflow-artifacts:/ URI (the stack's artifact root)"
+        if ".." in value.split("/"):
+            return "artifact_location may not contain '..'"
+    return None
+
+
+class Guard:
+    """ASGI middleware keeping the contract in this module's docstring."""
+
+    def __init__(self, app, secret: bytes, allowed_origins: list[str]):
+        self.app = app
+        self._secret = secret
+        self._bearer = b"Bearer " + secret
+        self._allowed_origins = allowed_origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                return await self.app(scope, receive, send)
+            return  # websockets: nothing of MLflow's, and nothing nginx forwards
+        method, path = scope["method"], scope["path"]
+        if path == "/health" and method in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        headers = scope["headers"]
+        secret = user = authorization = host = origin = None
+        for name, value in headers:
+            if name == SECRET_HEADER:
+                secret = value
+            elif name == USER_HEADER:
+                user = value
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+        internal = authorization is not None and hmac.compare_digest(authorization, self._bearer)
+        if not internal:
+            if secret is None or not hmac.compare_digest(secret, self._secret):
+                log.warning("refused: not from the proxy: %s %s", method, _printable(path))
+                return await _refuse(send, 403, "Forbidden: not through the stack's proxy")
+            if user is None or not _USER.fullmatch(user.decode("latin-1")):
+                log.error("refused: no verified user: %s %s", method, _printable(path))
+                return await _refuse(send, 403, "Forbidden: no verified user")
+        if host is not None and host != host.lower():
+            scope = {
+                **scope,
+                "headers": [(n, v.lower() if n == b"host" else v) for n, v in headers],
+            }
+        if origin is not None and method not in _SAFE_METHODS:
+            host_text = (host or b"").decode("latin-1")
+            if not origin_allowed(origin.decode("latin-1"), host_text, self._allowed_origins):
+                shown = _printable(origin), method, _printable(path)
+                log.warning("refused: foreign origin %s: %s %s", *shown)
+                return await _refuse(send, 403, "Forbidden: cross-origin write")
+        if method == "POST" and _CREATE_EXPERIMENT.fullmatch(path):
+            return await self._create_experiment(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    async def _create_experiment(self, scope, receive, send):
+        body, more, messages = b"", True, []
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_CREATE_BODY:
+                return await _mlflow_error(send, "the request body is too large")
+        problem = artifact_location_problem(body)
+        if problem is not None:
+            return await _mlflow_error(send, problem)
+
+        replay = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive_again():
+            message = next(replay, None)
+            return message if message is not None else await receive()
+
+        return await self.app(scope, receive_again, send)
+
+
+async def _refuse(send, status: int, text: str) -> None:
+    body = (text + "\n").encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _mlflow_error(send, message: str) -> None:
+    """MLflow's own error shape, so the client raises its usual MlflowException."""
+    body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def allowed_origins_from_env(env) -> list[str]:
+    value = env.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", "")
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
+def create_app():
+    """gunicorn entry point: MLflow's FastAPI app behind the guard."""
+    try:
+        secret = read_secret(Path(os.environ.get("PROXY_SECRET_FILE", "")))
+    except GuardError as error:
+        print(f"guard: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from mlflow.server.fastapi_app import app
+
+    return Guard(app, secret, allowed_origins_from_env(os.environ))
