@@ -1,9 +1,11 @@
 import base64
+import threading
+import time
 
 import pytest
 from mlflowstack import gate as gate_module
 from mlflowstack.forwarded import escape_path
-from mlflowstack.gate import BUSY, Gate, make_app
+from mlflowstack.gate import BUSY, CheckTimer, Gate, make_app, waiters_for
 from mlflowstack.users import UserStore, bcrypt_cost
 
 
@@ -40,9 +42,13 @@ def verify():
     return RecordingVerify()
 
 
+def no_sleep(seconds):
+    """Failures are padded by sleeping; tests of the credential logic need not wait for it."""
+
+
 @pytest.fixture
 def gate(users_dir, verify):
-    return Gate(UserStore(users_dir), bcrypt_slots=1, verify=verify)
+    return Gate(UserStore(users_dir), bcrypt_slots=1, verify=verify, sleep=no_sleep)
 
 
 def test_identify_right_password_returns_user_and_role(gate):
@@ -152,7 +158,7 @@ def test_identify_check_straddling_password_change_not_reused(users_dir, bcrypt_
             store.set_password("alice", "new-password")
         return ok
 
-    straddled = Gate(store, verify=verify_then_change)
+    straddled = Gate(store, verify=verify_then_change, sleep=no_sleep)
     assert straddled.identify(basic("alice", "right")) == ("alice", "admin")
     assert straddled.identify(basic("alice", "right")) is None
 
@@ -163,14 +169,15 @@ def test_identify_cache_holds_no_plaintext(gate):
     assert b"right" not in dumped and basic("alice", "right").encode() not in dumped
 
 
-def test_identify_all_slots_busy_returns_busy_but_cached_user_passes(gate):
-    assert gate.identify(basic("alice", "right"))
-    gate._slots.acquire()
+def test_identify_all_slots_busy_no_queue_returns_busy_but_cached_user_passes(users_dir, verify):
+    gate = Gate(UserStore(users_dir), verify=verify, max_waiters=0, sleep=no_sleep)
+    assert gate.identify(basic("alice", "right"), "192.0.2.7")
+    assert gate._slots.acquire("198.51.100.1", 0)
     try:
-        assert gate.identify(basic("vera", "right")) == BUSY
-        assert gate.identify(basic("alice", "right")) == ("alice", "admin")
+        assert gate.identify(basic("vera", "right"), "192.0.2.7") == BUSY
+        assert gate.identify(basic("alice", "right"), "192.0.2.7") == ("alice", "admin")
     finally:
-        gate._slots.release()
+        gate._slots.release("198.51.100.1")
 
 
 def test_identify_bearer_token_valid_and_revoked(gate, users_dir):
@@ -266,11 +273,13 @@ def test_app_user_name_non_ascii_quote_percent_escaped_in_header(gate, users_dir
 
 
 def test_app_busy_403_with_reason(gate):
-    gate._slots.acquire()
+    # The address of call()'s client failed recently and has a check under way.
+    gate._slots.failed("192.0.2.7")
+    assert gate._slots.acquire("192.0.2.7", 0)
     try:
         status, headers = call(make_app(gate, SECRET), basic("vera", "right"))
     finally:
-        gate._slots.release()
+        gate._slots.release("192.0.2.7")
     assert status == "403" and headers["X-Gate-Reason"] == "busy"
 
 
@@ -298,3 +307,217 @@ def test_identify_right_password_never_pauses(users_dir, verify):
     gate = Gate(UserStore(users_dir), verify=verify, failure_pause=1.0, sleep=pauses.append)
     assert gate.identify(basic("alice", "right")) == ("alice", "admin")
     assert pauses == []
+
+
+class FakeClock:
+    """monotonic() and sleep() for a gate: sleeping only moves the clock."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class TimedVerify:
+    """A fake bcrypt check: "right" is the password, and a check at cost c moves the clock by
+    ``seconds_at_12`` x 2**(c - 12), as bcrypt's time doubles per cost step."""
+
+    def __init__(self, clock, seconds_at_12=0.25):
+        self.clock = clock
+        self.seconds_at_12 = seconds_at_12
+        self.costs = []
+
+    def __call__(self, password, password_hash):
+        cost = bcrypt_cost(password_hash)
+        self.costs.append(cost)
+        self.clock.now += self.seconds_at_12 * 2 ** (cost - 12)
+        return password == "right"
+
+
+@pytest.fixture
+def timing_dir(tmp_path, bcrypt_hash):
+    """alice at cost 12, heavy at cost 14 (a cost-12 hash relabelled: only the fake checks it)."""
+    directory = tmp_path / "timing"
+    directory.mkdir()
+    heavy = bcrypt_hash("right").replace("$12$", "$14$", 1)
+    (directory / "htpasswd").write_text(
+        f"#role alice admin\nalice:{bcrypt_hash('right')}\n"
+        f"heavy:{heavy}\n"
+        f"off:!{bcrypt_hash('right')}\n"
+    )
+    return directory
+
+
+def timed_gate(directory, clock, failure_pause=0.0, **options):
+    return Gate(
+        UserStore(directory),
+        verify=TimedVerify(clock),
+        failure_pause=failure_pause,
+        sleep=clock.sleep,
+        monotonic=clock,
+        **options,
+    )
+
+
+def duration(gate, clock, authorization, client="192.0.2.7"):
+    started = clock.now
+    answer = gate.identify(authorization, client)
+    return answer, clock.now - started
+
+
+@pytest.mark.parametrize("failure_pause", [0.0, 1.0])
+def test_identify_failures_unknown_disabled_cost12_cost14_same_total_duration(
+    timing_dir, failure_pause
+):
+    clock = FakeClock()
+    gate = timed_gate(timing_dir, clock, failure_pause, padding_margin=1.1)
+    # Padded to one cost-14 check (4 x 0.25 s) x the margin, then the pause on top of that.
+    expected = 0.25 * 4 * 1.1 * (1 + failure_pause)
+    for name, password in [
+        ("nobody", "right"),
+        ("off", "right"),
+        ("alice", "wrong"),
+        ("heavy", "wrong"),
+        ("nobody", "wrong"),
+    ]:
+        answer, took = duration(gate, clock, basic(name, password))
+        assert answer is None and took == pytest.approx(expected), name
+    assert len(clock.sleeps) == 5  # padding and pause are one sleep, never CPU work
+
+
+def test_identify_unknown_user_checked_at_minimum_cost_even_with_cost14_user(timing_dir):
+    clock = FakeClock()
+    gate = timed_gate(timing_dir, clock)
+    gate.identify(basic("nobody", "x"))
+    gate.identify(basic("off", "right"))
+    assert gate._verify.costs == [12, 12]
+
+
+def test_identify_success_not_padded(timing_dir):
+    clock = FakeClock()
+    gate = timed_gate(timing_dir, clock, failure_pause=1.0)
+    gate.identify(basic("alice", "wrong"))  # an estimate exists and failures are padded
+    clock.sleeps.clear()
+    answer, took = duration(gate, clock, basic("heavy", "right"))
+    assert answer == ("heavy", "editor") and took == pytest.approx(1.0)
+    answer, took = duration(gate, clock, basic("alice", "right"))
+    assert answer == ("alice", "admin") and took == pytest.approx(0.25)
+    assert clock.sleeps == []
+
+
+def test_identify_failure_slower_than_target_only_paused(timing_dir):
+    clock = FakeClock()
+    gate = timed_gate(timing_dir, clock, failure_pause=1.0, padding_margin=1.0)
+    gate.identify(basic("alice", "wrong"))  # estimate: 0.25 s at cost 12
+    gate._verify.seconds_at_12 = 0.3  # this one check overruns the target of 1.0 s
+    answer, took = duration(gate, clock, basic("heavy", "wrong"))
+    assert answer is None and took == pytest.approx(1.2 * 2)
+
+
+def test_check_timer_scales_by_cost_and_resists_one_stall():
+    timer = CheckTimer(weight=0.2)
+    assert timer.duration(12) is None
+    timer.observe(1.0, 14)
+    assert timer.duration(12) == pytest.approx(0.25) and timer.duration(13) == pytest.approx(0.5)
+    timer.observe(30.0, 12)  # a stalled check counts as at most twice the estimate
+    assert timer.duration(12) == pytest.approx(0.25 + 0.2 * 0.25)
+
+
+def test_identify_valid_login_during_flood_waits_instead_of_busy(users_dir):
+    attacker, user = "203.0.113.66", "198.51.100.5"
+    in_check, finish = threading.Event(), threading.Event()
+
+    def verify(password, password_hash):
+        if password == "slow-wrong":
+            in_check.set()
+            finish.wait(5)
+        return password == "right"
+
+    clock = FakeClock()
+    gate = Gate(
+        UserStore(users_dir), verify=verify, failure_pause=1.0, sleep=clock.sleep, monotonic=clock
+    )
+    assert gate.identify(basic("alice", "wrong"), attacker) is None
+    answers = {}
+    flood = threading.Thread(
+        target=lambda: answers.update(flood=gate.identify(basic("alice", "slow-wrong"), attacker))
+    )
+    flood.start()
+    assert in_check.wait(5)
+    # The attacker's address has a check under way: its other connections are refused at once.
+    assert gate.identify(basic("vera", "wrong"), attacker) == BUSY
+    login = threading.Thread(
+        target=lambda: answers.update(login=gate.identify(basic("alice", "right"), user))
+    )
+    login.start()
+    wait_until(lambda: gate._slots.waiting == 1)
+    finish.set()
+    flood.join(5)
+    login.join(5)
+    assert answers == {"flood": None, "login": ("alice", "admin")}
+
+
+def test_identify_wait_for_slot_runs_out_busy(users_dir):
+    clock = FakeClock()
+    gate = Gate(
+        UserStore(users_dir),
+        verify=lambda password, password_hash: True,
+        queue_wait=0.05,
+        sleep=clock.sleep,
+        monotonic=clock,
+    )
+    assert gate._slots.acquire("198.51.100.1", 0)
+    try:
+        started = time.monotonic()
+        assert gate.identify(basic("alice", "right"), "192.0.2.7") == BUSY
+        assert 0.04 <= time.monotonic() - started < 2
+    finally:
+        gate._slots.release("198.51.100.1")
+    assert gate.identify(basic("alice", "right"), "192.0.2.7") == ("alice", "admin")
+
+
+def test_identify_concurrent_logins_never_exceed_bcrypt_slots(users_dir):
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def counting_verify(password, password_hash):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.005)
+        with lock:
+            running[0] -= 1
+        return password == "right"
+
+    gate = Gate(
+        UserStore(users_dir), bcrypt_slots=2, verify=counting_verify, max_waiters=32, sleep=no_sleep
+    )
+    answers = []
+
+    def login(n):
+        password = "right" if n % 2 else "wrong"
+        answers.append(gate.identify(basic("alice", password), f"192.0.2.{n}"))
+
+    threads = [threading.Thread(target=login, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert 1 <= peak[0] <= 2 and BUSY not in answers and len(answers) == 12
+
+
+@pytest.mark.parametrize("threads,slots,waiters", [(8, 1, 6), (8, 2, 5), (2, 1, 0), (64, 1, 32)])
+def test_waiters_for_leaves_threads_for_cached_logins(threads, slots, waiters):
+    assert waiters_for(threads, slots) == waiters
+
+
+def wait_until(predicate, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
