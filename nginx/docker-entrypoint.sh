@@ -60,13 +60,22 @@ render_proxy_secret() {
     )
 }
 
+# nginx's size syntax: a number with an optional k or m (g is refused: bodies held in memory).
+check_request_body_limit() {
+    if ! printf '%s\n' "${REQUEST_BODY_LIMIT:-}" | grep -Eq '^[1-9][0-9]{0,8}[kKmM]?$'; then
+        echo "docker-entrypoint: REQUEST_BODY_LIMIT: '${REQUEST_BODY_LIMIT:-}' is not a size such as 32m" >&2
+        return 1
+    fi
+}
+
 check_auth_cache_ttl
+check_request_body_limit
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
 render_proxy_secret
 
 # Only our variables are substituted, so nginx's own $variables survive.
 # shellcheck disable=SC2016  # envsubst wants the names literally
-variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL}'
+variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL} ${REQUEST_BODY_LIMIT}'
 for template in /etc/nginx/templates/*.template; do
     target="/etc/nginx/conf.d/$(basename "$template" .template)"
     envsubst "$variables" < "$template" > "$target"

@@ -42,7 +42,7 @@ USER_HEADER = b"x-stack-user"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CREATE_EXPERIMENT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/experiments/create")
 _ARTIFACT_LOCATION_KEYS = frozenset({"artifactlocation"})
-_ALLOWED_LOCATION = re.compile(r"mlflow-artifacts:/[A-Za-z0-9._~/-]*")
+_ALLOWED_LOCATION = re.compile(r"mlflow-artifacts:/(?!/)[A-Za-z0-9._~/-]*")
 _USER = re.compile(r"[\x21-\x7e]{1,512}")
 MAX_CREATE_BODY = 1 << 20
 

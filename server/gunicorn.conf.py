@@ -31,9 +31,12 @@ def post_worker_init(worker):
     # (gunicorn's pythonpath has done this already; kept for hooks run on their own.)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import accel
+    import registry
 
     # Downloads: nginx sends the file itself, else big chunks (accel.py says how and why).
     accel.install()
+    # Model-version files registered from runs:/ URIs (registry.py says why).
+    registry.install()
     # MLflow's runs search (and /graphql) run `from mlflow.server import auth` on every call,
     # to apply MLflow's own permissions. This stack authenticates at the edge and never runs
     # that app, and without its "auth" extra the import fails, but only after re-executing

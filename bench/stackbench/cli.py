@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stackbench import api, measure
+from stackbench import api, logins, measure
 from stackbench.load import KINDS, Target, basic, wrk_binary
 from stackbench.measure import Bench, progress
 from stackbench.report import Report
@@ -214,6 +214,8 @@ def run(stack: BenchStack, report: Report, args: argparse.Namespace, since: str)
     )
     time.sleep(4)  # the last tarpitted answers end (and are logged)
     report.flood_log = measure.flood_statuses(stack.logs("nginx", flood_since))
+    progress("fresh logins during a wrong-password flood of 1 and 16 connections")
+    report.fresh_logins = logins.fresh_logins(bench, stack, (1, 16), 3 if args.quick else 7, wrong)
     progress(f"SQLite, {WIDE_CONNECTIONS} writers")
     report.writer_connections = WIDE_CONNECTIONS
     report.writers = measure.writers(bench, WIDE_CONNECTIONS, max(3, 2 * args.duration))

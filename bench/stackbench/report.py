@@ -15,6 +15,7 @@ import dataclasses
 import statistics
 
 from stackbench.load import WrkResult
+from stackbench.logins import MAX_TRIES, FreshLogin, summarize
 from stackbench.measure import PATHS, STACK_PATHS, FloodRound, Results
 from stackbench.transfer import ArtifactResult
 
@@ -27,6 +28,7 @@ RATIO_GOALS = (  # (cell key, goal name, lowest passing value)
 RATIO_BASES = {"vs_noauth": "noauth", "vs_direct": "direct", "vs_basic": "basic"}
 MAX_ADDED_MS = 1.0
 MIN_KEPT_UNDER_FLOOD = 0.80
+MAX_FRESH_LOGIN_SECONDS = 2.0
 MIN_TRANSFER_RATIO = 0.90
 MAX_NGINX_GROWTH = 16 * MiB
 
@@ -88,6 +90,7 @@ class Report:
     matrix: Results = dataclasses.field(default_factory=dict)
     flood: dict[int, list[FloodRound]] = dataclasses.field(default_factory=dict)
     flood_log: dict[int, int] = dataclasses.field(default_factory=dict)  # status -> count
+    fresh_logins: dict[int, list[FreshLogin]] = dataclasses.field(default_factory=dict)
     writers: dict[str, WrkResult] = dataclasses.field(default_factory=dict)
     writer_connections: int = 16
     locked_lines: int | None = None
@@ -169,6 +172,7 @@ class Report:
         for present, section in (
             (self.matrix, self._render_matrix),
             (self.flood, self._render_flood),
+            (self.fresh_logins, self._render_fresh_logins),
             (self.writers, self._render_writers),
             (self.artifacts, self._render_artifacts),
         ):
@@ -288,6 +292,23 @@ class Report:
             "('answered': within wrk's window; a tarpitted 429 may finish after it)",
         ]
 
+    def _render_fresh_logins(self) -> list[str]:
+        rows = []
+        for conns, logins in sorted(self.fresh_logins.items()):
+            p50, refused = summarize(logins)
+            tries = max(login.tries for login in logins)
+            seconds = " ".join(f"{login.seconds:.2f}" for login in logins)
+            rows.append([str(conns), _num(p50, ".2f"), str(refused), str(tries), seconds])
+            ok = p50 is not None and p50 < MAX_FRESH_LOGIN_SECONDS and refused == 0
+            measured = f"p50 {_num(p50, '.2f')} s, {refused} refused after {MAX_TRIES} tries"
+            target = f"p50 < {MAX_FRESH_LOGIN_SECONDS:g} s, 0 refused"
+            self.goals.append(Goal(f"fresh-login-under-{conns}-conn-flood", measured, target, ok))
+        return [
+            "Fresh logins (one bcrypt check each) from another address during a wrong-password",
+            "flood; seconds from first try to success, retries included",
+            *_table("flood_conn:10 p50_s:7 refused:8 max_tries:10 each_s:40", rows),
+        ]
+
     def _render_writers(self) -> list[str]:
         rows = [[op, _num(r.rate), str(r.failures)] for op, r in self.writers.items()]
         failures = sum(r.failures for r in self.writers.values())
@@ -379,6 +400,10 @@ class Report:
             "idle_memory": self.idle_memory,
             "baseline_memory": self.baseline_memory,
             "flood_log": self.flood_log,
+            "fresh_logins": {
+                conns: [dataclasses.asdict(login) for login in rows]
+                for conns, rows in self.fresh_logins.items()
+            },
             "startup": self.startup,
             "seconds": self.seconds,
         }

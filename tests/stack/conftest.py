@@ -4,6 +4,7 @@ Runs under its own compose project name, publishes on 127.0.0.1 only, and ends w
 ``down -v``. Everything a test needs from inside the stack goes through ``docker compose``.
 """
 
+import datetime
 import os
 import socket
 import subprocess
@@ -100,15 +101,30 @@ class Stack:
         parts = status_line.split()
         return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
-    def logs(self, service: str) -> str:
-        return self.compose("logs", "--no-color", service)
+    def container_ip(self, service: str) -> str:
+        """The service's address on the stack's network (reachable from this host)."""
+        container = self.compose("ps", "-q", service).split()[0]
+        template = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"
+        result = subprocess.run(
+            ["docker", "inspect", "-f", template, container],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return result.stdout.strip()
 
-    def unverified_requests_seen_by_server(self) -> list[str]:
-        """The server's log lines about requests that came without nginx's proxy secret or
-        without a verified user (server/guard.py refuses and logs each one)."""
+    def logs(self, service: str, since: str | None = None) -> str:
+        return self.compose("logs", "--no-color", *(["--since", since] if since else []), service)
+
+    @staticmethod
+    def now() -> str:
+        """A timestamp for ``logs(since=...)``."""
+        return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def unverified_requests_seen_by_server(self, since: str) -> list[str]:
+        """The server's log lines, since ``since``, about requests that came without nginx's
+        proxy secret or without a verified user (server/guard.py refuses and logs each one)."""
         return [
             line
-            for line in self.logs("server").splitlines()
+            for line in self.logs("server", since).splitlines()
             if "refused: no verified user" in line or "refused: not from the proxy" in line
         ]
 

@@ -82,3 +82,20 @@ def test_flood_statuses_counts_only_requests_without_a_user():
         ]
     )
     assert flood_statuses(log) == {401: 1, 429: 1}
+
+
+def test_render_fresh_logins_slow_or_refused_fail_fast_pass():
+    from stackbench.logins import FreshLogin, variant_header
+
+    report = Report(ops=[], levels=[1], reps=1, quick=True)
+    report.fresh_logins = {
+        1: [FreshLogin(1, s, 1, True) for s in (0.4, 0.6, 0.5)],
+        16: [FreshLogin(16, 0.5, 1, True), FreshLogin(16, 5.0, 3, False)],
+    }
+    text = report.render()
+    assert "GOAL fresh-login-under-1-conn-flood: measured p50 0.50 s" in text
+    goals = {g.name: g.ok for g in report.goals}
+    assert goals["fresh-login-under-1-conn-flood"] is True
+    assert goals["fresh-login-under-16-conn-flood"] is False
+    headers = {variant_header("u", "p", v) for v in range(1, 32)}
+    assert len(headers) == 31 and all(h.lower().startswith("basic ") for h in headers)

@@ -3,6 +3,7 @@
 import importlib.util
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parents[2] / "server" / "gunicorn.conf.py"
@@ -25,6 +26,8 @@ def _run_hook(**env) -> str:
         capture_output=True,
         text=True,
         check=True,
+        # registry.install() opens the default registry store (sqlite:///mlflow.db in the cwd).
+        cwd=tempfile.mkdtemp(prefix="server-hook-"),
         env={"PATH": "/usr/bin:/bin", **env},
     )
     return result.stdout.strip()

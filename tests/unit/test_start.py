@@ -44,3 +44,21 @@ def test_job_execution_enabled_values(value, expected):
 def test_job_execution_enabled_bad_value_raises():
     with pytest.raises(start.SettingError):
         start.job_execution_enabled({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "yes please"})
+
+
+def test_telemetry_environment_default_off():
+    env = start.telemetry_environment("")
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true" and env["DO_NOT_TRACK"] == "true"
+
+
+def test_telemetry_environment_on_enables():
+    assert start.telemetry_environment(" ON ") == {"MLFLOW_DISABLE_TELEMETRY": "false"}
+
+
+def test_telemetry_environment_other_value_refused():
+    with pytest.raises(start.SettingError, match="MLFLOW_TELEMETRY"):
+        start.telemetry_environment("yes")
+
+
+def test_gunicorn_command_serves_the_guarded_app():
+    assert start.gunicorn_command()[-1] == "guard:create_app()"

@@ -1,0 +1,173 @@
+"""server/guard.py: MLflow sees only requests nginx vouched for, with the origin and artifact
+location rules of issue 9."""
+
+import asyncio
+import json
+
+import guard
+import pytest
+
+SECRET = b"ab" * 32
+
+
+def run(app, method="GET", path="/api/2.0/mlflow/experiments/search", headers=(), body=b""):
+    """Call the guard as uvicorn would; (status, body, what the wrapped app saw or None)."""
+    seen = {}
+
+    async def inner(scope, receive, send):
+        message = await receive()
+        seen.update(scope=scope, body=message.get("body", b""))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+    }
+    asyncio.run(guard.Guard(inner, SECRET, app or [])(scope, receive, send))
+    status = sent[0]["status"]
+    return status, b"".join(m.get("body", b"") for m in sent[1:]), seen or None
+
+
+FROM_NGINX = (("X-Stack-Proxy-Secret", SECRET.decode()), ("X-Stack-User", "alice"))
+
+
+def test_guard_request_from_nginx_with_user_reaches_mlflow():
+    status, _, seen = run([], headers=FROM_NGINX)
+    assert status == 200 and seen is not None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (),
+        (("X-Stack-User", "alice"),),
+        (("X-Stack-Proxy-Secret", "ab" * 31 + "ac"), ("X-Stack-User", "alice")),
+        (("X-Stack-Proxy-Secret", SECRET.decode()),),
+        (("X-Stack-Proxy-Secret", SECRET.decode()), ("X-Stack-User", "")),
+        (("X-Stack-Proxy-Secret", SECRET.decode()), ("X-Stack-User", "a b")),
+        (("Authorization", "Bearer " + "ab" * 31),),
+        (("Authorization", "Basic " + SECRET.decode()),),
+    ],
+)
+def test_guard_without_secret_or_user_403_never_reaches_mlflow(headers, caplog):
+    status, _, seen = run([], headers=headers)
+    assert status == 403 and seen is None
+    assert "refused:" in caplog.text
+
+
+def test_guard_health_without_secret_reaches_mlflow():
+    assert run([], path="/health")[2] is not None
+    assert run([], method="POST", path="/health")[0] == 403
+
+
+def test_guard_internal_bearer_secret_reaches_mlflow():
+    status, _, seen = run([], headers=(("Authorization", "Bearer " + SECRET.decode()),))
+    assert status == 200 and seen is not None
+
+
+def test_guard_mixed_case_host_lowered_for_mlflow():
+    _, _, seen = run([], headers=(*FROM_NGINX, ("Host", "MLflow.Example.COM:8080")))
+    assert dict(seen["scope"]["headers"])[b"host"] == b"mlflow.example.com:8080"
+
+
+@pytest.mark.parametrize(
+    "origin,host,allowed,ok",
+    [
+        ("http://box:8080", "box:8080", [], True),
+        ("https://BOX:8080", "box:8080", ["*"], True),
+        ("http://evil.example", "box:8080", [], False),
+        ("http://box", "box:8080", [], False),
+        ("null", "box", [], False),
+        ("http://box/path", "box", [], False),
+        ("https://mlflow.example.com", "whatever", ["https://mlflow.example.com"], True),
+        ("https://evil.example", "mlflow.example.com", ["https://mlflow.example.com"], False),
+        ("http://mlflow.example.com:81", "x", ["http://mlflow.example.com:*"], True),
+    ],
+)
+def test_origin_allowed_cases(origin, host, allowed, ok):
+    assert guard.origin_allowed(origin, host, allowed) is ok
+
+
+def test_guard_foreign_origin_write_403_read_passes():
+    headers = (*FROM_NGINX, ("Host", "box:8080"), ("Origin", "http://evil.example"))
+    path = "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/model.pkl"
+    assert run([], method="PUT", path=path, headers=headers)[0] == 403
+    assert run([], method="GET", path=path, headers=headers)[0] == 200
+    same = (*FROM_NGINX, ("Host", "box:8080"), ("Origin", "http://box:8080"))
+    assert run([], method="PUT", path=path, headers=same)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "e", "artifact_location": "/var/lib/mlflow/db/evil"},
+        {"name": "e", "artifact_location": "file:///tmp/x"},
+        {"name": "e", "artifactLocation": "file:///tmp/x"},
+        {"name": "e", "artifact_location": "mlflow-artifacts:/../db"},
+        {"name": "e", "artifact_location": "mlflow-artifacts:/a/../../db"},
+        {"name": "e", "artifact_location": "s3://bucket/x"},
+        {"name": "e", "artifact_location": "mlflow-artifacts://host/x"},
+        {"name": "e", "artifact_location": ["file:///tmp"]},
+    ],
+)
+def test_guard_create_experiment_outside_artifact_root_400_mlflow_error(body):
+    for prefix in ("/api", "/ajax-api"):
+        status, answer, seen = run(
+            [],
+            method="POST",
+            path=prefix + "/2.0/mlflow/experiments/create",
+            headers=FROM_NGINX,
+            body=json.dumps(body).encode(),
+        )
+        assert status == 400 and seen is None
+        assert json.loads(answer)["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "e"},
+        {"name": "e", "artifact_location": ""},
+        {"name": "e", "artifact_location": "mlflow-artifacts:/team-a/e1"},
+    ],
+)
+def test_guard_create_experiment_under_root_reaches_mlflow_with_body(body):
+    raw = json.dumps(body).encode()
+    status, _, seen = run(
+        [],
+        method="POST",
+        path="/api/2.0/mlflow/experiments/create",
+        headers=FROM_NGINX,
+        body=raw,
+    )
+    assert status == 200 and seen["body"] == raw
+
+
+def test_artifact_location_problem_utf16_body_parsed_like_flask():
+    body = json.dumps({"name": "e", "artifact_location": "file:///x"}).encode("utf-16")
+    assert guard.artifact_location_problem(body) is not None
+
+
+def test_artifact_location_problem_not_json_refused():
+    assert guard.artifact_location_problem(b"name=e&artifact_location=file:///x") is not None
+
+
+def test_read_secret_malformed_guard_error(tmp_path):
+    (tmp_path / "s").write_text("not-hex\n")
+    with pytest.raises(guard.GuardError):
+        guard.read_secret(tmp_path / "s")
+    with pytest.raises(guard.GuardError):
+        guard.read_secret(tmp_path / "missing")
+    (tmp_path / "s").write_text("ab" * 32 + "\n")
+    assert guard.read_secret(tmp_path / "s") == SECRET
