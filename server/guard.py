@@ -16,9 +16,16 @@ Contract (an ASGI middleware around MLflow's FastAPI app; gunicorn serves ``guar
 - Host names are case-insensitive; nginx accepts any case, so the ``Host`` header is
   lower-cased before MLflow's allowed-hosts check compares it.
 - A state-changing request (not GET/HEAD/OPTIONS) with an ``Origin`` must come from the
-  stack's own origin: one of ``ALLOWED_ORIGINS`` when ``PUBLIC_HOSTNAME`` names hosts, else
-  exactly the request's own ``Host``. A plain HTML form on a foreign site can no longer
-  overwrite an artifact (MLflow's CORS is ``*`` when no host list is set).
+  stack's own origin: the origin's host and port are the request's own ``Host``. A plain HTML
+  form on a foreign site (or on another port of the same host) can no longer overwrite an
+  artifact.
+- A request body larger than ``REQUEST_BODY_LIMIT`` is refused with 413 (by its
+  ``Content-Length``, or cut off while it streams), except an artifact ``PUT`` to the streaming
+  artifact router: MLflow's Flask app reads a body into memory whole, and nginx can lift its
+  own limit only per location, not per method.
+- Once checked, the proxy secret and the user header are removed from what MLflow sees, so
+  nothing it forwards (AI-gateway passthrough sends the incoming headers to providers) carries
+  them; the verified user stays in ``scope["state"]["stack_user"]``.
 - ``experiments/create`` may not choose an artifact location outside the stack's artifact
   root: only ``mlflow-artifacts:/`` URIs without ``..`` pass, so an editor cannot make the
   server write into its database volume or its own file system.
@@ -44,6 +51,8 @@ _CREATE_EXPERIMENT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/experiments/create"
 _ARTIFACT_LOCATION_KEYS = frozenset({"artifactlocation"})
 _ALLOWED_LOCATION = re.compile(r"mlflow-artifacts:/(?!/)[A-Za-z0-9._~/-]*")
 _USER = re.compile(r"[\x21-\x7e]{1,512}")
+_ARTIFACT_PUT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow-artifacts/artifacts/.+")
+_CONSUMED = frozenset({SECRET_HEADER, USER_HEADER})
 MAX_CREATE_BODY = 1 << 20
 
 
@@ -69,22 +78,13 @@ def read_secret(path: Path) -> bytes:
     return secret.encode("ascii")
 
 
-def origin_allowed(origin: str, host: str, allowed_origins: list[str]) -> bool:
-    """Whether a state-changing request from ``origin`` may reach MLflow.
-
-    ``allowed_origins`` (exact ``scheme://host[:port]`` values, or ``*`` patterns as MLflow
-    writes them) applies when non-empty and not ``*``; otherwise the origin's host and port
-    must be the request's own ``Host``.
+def origin_allowed(origin: str, host: str) -> bool:
+    """Whether a state-changing request from ``origin`` may reach MLflow: only from the
+    stack's own origin, i.e. the origin's host and port are the request's ``Host`` (which nginx
+    has already checked against ``PUBLIC_HOSTNAME``). Another port of the same name is another
+    site, so it is refused too.
     """
-    origin = origin.strip().lower()
-    if allowed_origins and "*" not in allowed_origins:
-        import fnmatch
-
-        return any(
-            fnmatch.fnmatchcase(origin, allowed) if "*" in allowed else origin == allowed
-            for allowed in (a.lower() for a in allowed_origins)
-        )
-    parts = urlsplit(origin)
+    parts = urlsplit(origin.strip().lower())
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
         return False
     return parts.netloc == host.lower()
@@ -98,10 +98,13 @@ def artifact_location_problem(body: bytes) -> str | None:
     """
     try:
         document = json.loads(body) if body.strip() else {}
+        # MLflow decodes a JSON string a second time ("older clients double-encode").
+        if isinstance(document, str):
+            document = json.loads(document)
     except (ValueError, UnicodeDecodeError):
         return "the request body is not JSON"
     if not isinstance(document, dict):
-        return None
+        return "the request body is not a JSON object"
     for key, value in document.items():
         if key.replace("_", "").lower() not in _ARTIFACT_LOCATION_KEYS or value in (None, ""):
             continue
@@ -112,14 +115,50 @@ def artifact_location_problem(body: bytes) -> str | None:
     return None
 
 
+class BodyTooLarge(Exception):
+    """A streamed request body went past the limit; the request is abandoned."""
+
+
+def content_length(headers) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _bounded(receive, limit: int):
+    seen = 0
+
+    async def bounded_receive():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise BodyTooLarge(f"request body past {limit} bytes")
+        return message
+
+    return bounded_receive
+
+
+def parse_size(text: str) -> int:
+    """nginx's size syntax (``32m``, ``512k``, ``1048576``) in bytes, or GuardError."""
+    match = re.fullmatch(r"([1-9][0-9]{0,8})([kKmM]?)", text.strip())
+    if not match:
+        raise GuardError(f"REQUEST_BODY_LIMIT: {text!r} is not a size such as 32m")
+    return int(match[1]) * {"": 1, "k": 1 << 10, "m": 1 << 20}[match[2].lower()]
+
+
 class Guard:
     """ASGI middleware keeping the contract in this module's docstring."""
 
-    def __init__(self, app, secret: bytes, allowed_origins: list[str]):
+    def __init__(self, app, secret: bytes, body_limit: int):
         self.app = app
         self._secret = secret
         self._bearer = b"Bearer " + secret
-        self._allowed_origins = allowed_origins
+        self._body_limit = body_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -150,19 +189,28 @@ class Guard:
             if user is None or not _USER.fullmatch(user.decode("latin-1")):
                 log.error("refused: no verified user: %s %s", method, _printable(path))
                 return await _refuse(send, 403, "Forbidden: no verified user")
-        if host is not None and host != host.lower():
-            scope = {
-                **scope,
-                "headers": [(n, v.lower() if n == b"host" else v) for n, v in headers],
-            }
+        scope = {
+            **scope,
+            "headers": [
+                (n, v.lower() if n == b"host" else v)
+                for n, v in headers
+                if n not in _CONSUMED and not (internal and n == b"authorization")
+            ],
+            "state": {**scope.get("state", {}), "stack_user": None if internal else user},
+        }
         if origin is not None and method not in _SAFE_METHODS:
             host_text = (host or b"").decode("latin-1")
-            if not origin_allowed(origin.decode("latin-1"), host_text, self._allowed_origins):
+            if not origin_allowed(origin.decode("latin-1"), host_text):
                 shown = _printable(origin), method, _printable(path)
                 log.warning("refused: foreign origin %s: %s %s", *shown)
                 return await _refuse(send, 403, "Forbidden: cross-origin write")
         if method == "POST" and _CREATE_EXPERIMENT.fullmatch(path):
             return await self._create_experiment(scope, receive, send)
+        if not (method == "PUT" and _ARTIFACT_PUT.fullmatch(path)):
+            length = content_length(scope["headers"])
+            if length is not None and length > self._body_limit:
+                return await _refuse(send, 413, "Request body too large")
+            receive = _bounded(receive, self._body_limit)
         return await self.app(scope, receive, send)
 
     async def _create_experiment(self, scope, receive, send):
@@ -217,18 +265,14 @@ async def _mlflow_error(send, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def allowed_origins_from_env(env) -> list[str]:
-    value = env.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", "")
-    return [o.strip() for o in value.split(",") if o.strip()]
-
-
 def create_app():
     """gunicorn entry point: MLflow's FastAPI app behind the guard."""
     try:
         secret = read_secret(Path(os.environ.get("PROXY_SECRET_FILE", "")))
+        body_limit = parse_size(os.environ.get("REQUEST_BODY_LIMIT", "32m"))
     except GuardError as error:
         print(f"guard: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     from mlflow.server.fastapi_app import app
 
-    return Guard(app, secret, allowed_origins_from_env(os.environ))
+    return Guard(app, secret, body_limit)

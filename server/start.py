@@ -68,7 +68,10 @@ def security_environment(public_hostname: str) -> dict[str, str]:
         pattern_name = name.replace("[", "[[]", 1)
         for suffix in suffixes:
             hosts.append((pattern_name if "*" in suffix else name) + suffix)
-            origins += [f"http://{name}{suffix}", f"https://{name}{suffix}"]
+        # Origins are exact: another port of the same name is another site, which must not
+        # read with the browser's credentials (the page itself is same-origin, needs no CORS).
+        origin_suffix = f":{port}" if port else ""
+        origins += [f"http://{name}{origin_suffix}", f"https://{name}{origin_suffix}"]
     return {
         "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(hosts),
         "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": ",".join(origins),

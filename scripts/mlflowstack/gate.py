@@ -295,7 +295,9 @@ class Gate:
         # (this check straddled it) is still judged against the file as it is at lookup.
         with self._lock:
             if len(self._cache) >= _CACHE_LIMIT:
-                self._cache = {}
+                # The oldest entry goes (dicts keep insertion order): filling the cache with
+                # spellings of one's own credentials cannot push everyone else back to bcrypt.
+                self._cache.pop(next(iter(self._cache)))
             self._cache[cache_key] = (user.name, user.password_hash)
         return (user.name, user.role)
 

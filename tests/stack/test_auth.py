@@ -53,6 +53,13 @@ def test_healthz_foreign_host_200(stack):
     assert requests.get(stack.url + "/healthz", headers={"Host": "evil.example"}).ok
 
 
+def test_healthz_names_no_host_or_origin(stack):
+    for headers in ({"Host": "evil.example"}, {"Origin": "http://evil.example"}, {}):
+        response = requests.get(stack.url + "/healthz", headers=headers)
+        leaked = [k for k in response.headers if k.lower().startswith("access-control-")]
+        assert response.ok and leaked == []
+
+
 def test_valid_user_reaches_ui_and_api(stack, admin):
     assert requests.get(stack.url + "/", auth=admin).status_code == 200
     response = requests.get(

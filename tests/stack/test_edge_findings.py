@@ -47,6 +47,30 @@ def test_viewer_huge_json_body_413_before_the_server(stack):
     assert status == 413
 
 
+def test_viewer_huge_body_on_uncapped_artifact_location_413(stack):
+    # nginx lifts its cap for artifact uploads by location; the server refuses a large body
+    # on every other method there (the listing GET reaches MLflow's Flask app, which would
+    # hold it in memory).
+    stack.add_user("big-viewer2", "big-viewer2-pw", role="viewer")
+    auth = ("big-viewer2", "big-viewer2-pw")
+    stack.wait_for_status(200, auth)
+    for prefix in ("/api", "/ajax-api"):
+        url = stack.url + prefix + "/2.0/mlflow-artifacts/artifacts?path="
+        response = requests.get(url, data=b"\0" * (64 << 20), auth=auth)
+        assert response.status_code == 413
+
+
+def test_double_encoded_experiment_location_refused(stack, admin):
+    inner = json.dumps({"name": "double-encoded", "artifact_location": "file:///tmp/x"})
+    response = requests.post(
+        stack.url + "/api/2.0/mlflow/experiments/create",
+        data=json.dumps(inner),
+        headers={"Content-Type": "application/json"},
+        auth=admin,
+    )
+    assert response.status_code == 400 and "INVALID_PARAMETER_VALUE" in response.text
+
+
 def test_largest_legitimate_calls_pass_the_body_cap(mlflow_env):
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("big-calls")

@@ -11,7 +11,7 @@ def test_security_environment_host_without_port_matches_any_port():
     env = start.security_environment("mlflow.example.com")
     assert env["MLFLOW_SERVER_ALLOWED_HOSTS"] == "mlflow.example.com,mlflow.example.com:*"
     origins = env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"].split(",")
-    assert "https://mlflow.example.com" in origins and "http://mlflow.example.com:*" in origins
+    assert origins == ["http://mlflow.example.com", "https://mlflow.example.com"]
 
 
 def test_security_environment_host_with_port_exact():
