@@ -18,6 +18,9 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
+
+import guard  # beside this file: the one reader of the proxy secret
 
 # Internal variables that `mlflow server` hands to its workers (mlflow/server/constants.py).
 _BACKEND_STORE = "_MLFLOW_SERVER_FILE_STORE"
@@ -106,11 +109,6 @@ def telemetry_environment(value: str) -> dict[str, str]:
     return {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
-def read_proxy_secret(env: dict[str, str]) -> str:
-    with open(env["PROXY_SECRET_FILE"], encoding="ascii") as file:
-        return file.read().strip()
-
-
 def job_execution_enabled(env: dict[str, str]) -> bool:
     """Whether to run MLflow's job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``)."""
     value = env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false").strip().lower()
@@ -163,7 +161,7 @@ def run_with_job_runner(env: dict[str, str]) -> int:
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
         "MLFLOW_GATEWAY_URI": "http://127.0.0.1:5000",
         # guard.py admits the job runner's calls by the proxy secret as a bearer token.
-        "MLFLOW_TRACKING_TOKEN": read_proxy_secret(env),
+        "MLFLOW_TRACKING_TOKEN": guard.read_secret(Path(env["PROXY_SECRET_FILE"])).decode(),
     }
     _launch_job_execution_runner(job_env, server.pid)
     return server.wait()
