@@ -28,6 +28,9 @@ render_hosts_map() {
         done
     fi
     echo '}'
+    # For the 421 answer (njs/refusals.js): the names, checked above, so safe in quotes.
+    # shellcheck disable=SC2016  # $pid is nginx's variable
+    printf 'map $pid $public_names {\n    default "%s";\n}\n' "$(printf '%s' "$entries" | tr -s ' ' ',' | sed 's/^,//; s/,$//')"
 }
 
 # A remembered "yes" outlives a user's removal by up to this long: 1-5 s ("2s", "1500ms").

@@ -23,9 +23,11 @@ Contract (an ASGI middleware around MLflow's FastAPI app; gunicorn serves ``guar
   ``Content-Length``, or cut off while it streams), except an artifact ``PUT`` to the streaming
   artifact router: MLflow's Flask app reads a body into memory whole, and nginx can lift its
   own limit only per location, not per method.
-- Once checked, the proxy secret and the user header are removed from what MLflow sees, so
-  nothing it forwards (AI-gateway passthrough sends the incoming headers to providers) carries
-  them; the verified user stays in ``scope["state"]["stack_user"]``.
+- Once checked, the proxy secret and the identity headers (every ``X-Stack-*``) are removed
+  from what MLflow sees, so nothing it forwards (AI-gateway passthrough sends the incoming
+  headers to providers) carries them; the verified identity stays in
+  ``scope["state"]["stack_user"]`` and is what MLflow records as the user (``identity.py``,
+  which also answers MLflow's ``users/current`` call).
 - ``experiments/create`` may not choose an artifact location outside the stack's artifact
   root: only ``mlflow-artifacts:/`` URIs without ``..`` pass, so an editor cannot make the
   server write into its database volume or its own file system.
@@ -42,17 +44,22 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import identity
+
 log = logging.getLogger("mlflow_stack.guard")
 
 SECRET_HEADER = b"x-stack-proxy-secret"
 USER_HEADER = b"x-stack-user"
+ROLE_HEADER = b"x-stack-role"
+AUTH_HEADER = b"x-stack-auth"
+# Every header nginx writes for this hop starts so; none of them reaches MLflow.
+_STACK_PREFIX = b"x-stack-"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CREATE_EXPERIMENT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/experiments/create")
 _ARTIFACT_LOCATION_KEYS = frozenset({"artifactlocation"})
 _ALLOWED_LOCATION = re.compile(r"mlflow-artifacts:/(?!/)[A-Za-z0-9._~/-]*")
 _USER = re.compile(r"[\x21-\x7e]{1,512}")
 _ARTIFACT_PUT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow-artifacts/artifacts/.+")
-_CONSUMED = frozenset({SECRET_HEADER, USER_HEADER})
 MAX_CREATE_BODY = 1 << 20
 
 
@@ -169,12 +176,16 @@ class Guard:
         if path == "/health" and method in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         headers = scope["headers"]
-        secret = user = authorization = host = origin = None
+        secret = user = role = kind = authorization = host = origin = None
         for name, value in headers:
             if name == SECRET_HEADER:
                 secret = value
             elif name == USER_HEADER:
                 user = value
+            elif name == ROLE_HEADER:
+                role = value
+            elif name == AUTH_HEADER:
+                kind = value
             elif name == b"authorization":
                 authorization = value
             elif name == b"host":
@@ -189,29 +200,40 @@ class Guard:
             if user is None or not _USER.fullmatch(user.decode("latin-1")):
                 log.error("refused: no verified user: %s %s", method, _printable(path))
                 return await _refuse(send, 403, "Forbidden: no verified user")
+        who = None if internal else identity.from_headers(user, role, kind)
         scope = {
             **scope,
             "headers": [
                 (n, v.lower() if n == b"host" else v)
                 for n, v in headers
-                if n not in _CONSUMED and not (internal and n == b"authorization")
+                if not n.startswith(_STACK_PREFIX) and not (internal and n == b"authorization")
             ],
-            "state": {**scope.get("state", {}), "stack_user": None if internal else user},
+            "state": {**scope.get("state", {}), "stack_user": who},
         }
+        if (
+            who is not None
+            and method in ("GET", "HEAD")
+            and identity.CURRENT_USER_PATH.fullmatch(path)
+        ):
+            return await _send(send, 200, "application/json", identity.current_user_body(who))
         if origin is not None and method not in _SAFE_METHODS:
             host_text = (host or b"").decode("latin-1")
             if not origin_allowed(origin.decode("latin-1"), host_text):
                 shown = _printable(origin), method, _printable(path)
                 log.warning("refused: foreign origin %s: %s %s", *shown)
                 return await _refuse(send, 403, "Forbidden: cross-origin write")
-        if method == "POST" and _CREATE_EXPERIMENT.fullmatch(path):
-            return await self._create_experiment(scope, receive, send)
-        if not (method == "PUT" and _ARTIFACT_PUT.fullmatch(path)):
-            length = content_length(scope["headers"])
-            if length is not None and length > self._body_limit:
-                return await _refuse(send, 413, "Request body too large")
-            receive = _bounded(receive, self._body_limit)
-        return await self.app(scope, receive, send)
+        token = identity.serve_as(who)
+        try:
+            if method == "POST" and _CREATE_EXPERIMENT.fullmatch(path):
+                return await self._create_experiment(scope, receive, send)
+            if not (method == "PUT" and _ARTIFACT_PUT.fullmatch(path)):
+                length = content_length(scope["headers"])
+                if length is not None and length > self._body_limit:
+                    return await _refuse(send, 413, "Request body too large")
+                receive = _bounded(receive, self._body_limit)
+            return await self.app(scope, receive, send)
+        finally:
+            identity.reset(token)
 
     async def _create_experiment(self, scope, receive, send):
         body, more, messages = b"", True, []
@@ -237,16 +259,14 @@ class Guard:
         return await self.app(scope, receive_again, send)
 
 
-async def _refuse(send, status: int, text: str) -> None:
-    body = (text + "\n").encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))],
-        }
-    )
+async def _send(send, status: int, content_type: str, body: bytes) -> None:
+    headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(send, status: int, text: str) -> None:
+    await _send(send, status, "text/plain", (text + "\n").encode())
 
 
 async def _mlflow_error(send, message: str) -> None:
@@ -275,4 +295,5 @@ def create_app():
         raise SystemExit(2) from None
     from mlflow.server.fastapi_app import app
 
+    identity.install()
     return Guard(app, secret, body_limit)

@@ -28,7 +28,12 @@
 const hashes = require("crypto");
 
 // Copied from the gate's answer onto ours, where auth_request_set reads them ($sent_http_*).
-const RELAYED_HEADERS = ["X-Gate-User", "X-Gate-Reason", "WWW-Authenticate"];
+const RELAYED_HEADERS = [
+    "X-Gate-User", "X-Gate-Role", "X-Gate-Kind", "X-Gate-Needs", "X-Gate-Reason", "WWW-Authenticate",
+];
+// Who a remembered "yes" was for: the gate's X-Gate-User (percent-encoded, no spaces), role and
+// credential kind, space-separated (none of them can hold a space).
+const IDENTITY_HEADERS = ["X-Gate-User", "X-Gate-Role", "X-Gate-Kind"];
 
 // Bytes that stand for themselves in an escaped path; must match forwarded.py.
 const PATH_SAFE = /^[A-Za-z0-9\/._~-]$/;
@@ -71,9 +76,12 @@ async function authorize(r) {
     const path = escapePath(r.rawVariables.mlflow_path);
     const key = authorization ? verdictKey(r, authorization, path) : null;
     if (key !== null) {
-        const user = ngx.shared.gate_verdicts.get(key);
-        if (user !== undefined) {
-            r.headersOut["X-Gate-User"] = user;
+        const remembered = ngx.shared.gate_verdicts.get(key);
+        if (remembered !== undefined) {
+            const identity = remembered.split(" ");
+            IDENTITY_HEADERS.forEach((name, i) => {
+                r.headersOut[name] = identity[i];
+            });
             r.return(204);
             return;
         }
@@ -94,9 +102,10 @@ async function authorize(r) {
             r.headersOut[name] = value;
         }
     });
-    const user = reply.headersOut["X-Gate-User"];
-    if (key !== null && reply.status >= 200 && reply.status < 300 && user) {
-        ngx.shared.gate_verdicts.set(key, user);
+    const identity = IDENTITY_HEADERS.map((name) => reply.headersOut[name]);
+    const complete = identity.every((value) => value && value.indexOf(" ") < 0);
+    if (key !== null && reply.status >= 200 && reply.status < 300 && complete) {
+        ngx.shared.gate_verdicts.set(key, identity.join(" "));
     }
     r.return(reply.status);
 }

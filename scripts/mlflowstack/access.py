@@ -39,6 +39,10 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", READ, "/health"),
     ("GET", READ, "/version"),
     ("GET", READ, "/api/3.0/mlflow/server-info"),
+    # Who is logged in (the UI asks on every page): answered by the server's guard from the
+    # verified identity (server/identity.py), not by MLflow, which serves it only in its
+    # basic-auth app.
+    ("GET", READ, "/api/2.0/mlflow/users/current"),
     ("GET POST", READ, "/api/3.0/mlflow/ui-telemetry"),  # every UI session posts this
     # GraphQL: in 3.17 its "mutations" are searches and a test echo, so POST only reads.
     ("GET POST", READ, "/graphql"),
@@ -289,10 +293,13 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET POST", ADMIN, "/api/2.0/mlflow/webhooks"),
     ("GET PATCH DELETE", ADMIN, "/api/2.0/mlflow/webhooks/<webhook_id>"),
     ("POST", ADMIN, "/api/2.0/mlflow/webhooks/<webhook_id>/test"),
-    # The assistant runs an agent with tools on the server host; even its reads are admin.
-    ("GET PUT", ADMIN, "/api/3.0/mlflow/assistant/config"),
+    # The assistant runs an agent with tools on the server host: everything it does is admin,
+    # except the two reads the UI makes on every page to decide whether to show it. MLflow
+    # serves them to remote callers with API keys and project locations removed.
+    ("GET", READ, "/api/3.0/mlflow/assistant/config"),
+    ("PUT", ADMIN, "/api/3.0/mlflow/assistant/config"),
     ("POST", ADMIN, "/api/3.0/mlflow/assistant/message"),
-    ("GET", ADMIN, "/api/3.0/mlflow/assistant/providers"),
+    ("GET", READ, "/api/3.0/mlflow/assistant/providers"),
     ("GET", ADMIN, "/api/3.0/mlflow/assistant/providers/{provider}/health"),
     ("GET", ADMIN, "/api/3.0/mlflow/assistant/providers/{provider}/models"),
     ("PATCH", ADMIN, "/api/3.0/mlflow/assistant/sessions/{session_id}"),

@@ -5,9 +5,11 @@ Contract (WSGI, served by gunicorn; see auth/gunicorn.conf.py):
 - ``GET /auth`` with the client's ``Authorization`` header and the fields of
   :mod:`mlflowstack.forwarded` (method, percent-encoded normalized path, nonce, client address)
   answers 400 when those fields are not exactly what our nginx writes (before any credential
-  is looked at); else 204 with ``X-Gate-User`` (percent-encoded) when the credentials are
+  is looked at); else 204 with ``X-Gate-User`` (percent-encoded), ``X-Gate-Role`` (viewer,
+  editor or admin) and ``X-Gate-Kind`` (``password`` or ``token``) when the credentials are
   valid and the role allows the request; 401 with a Basic challenge when they are missing or
-  wrong; 403 when the role forbids the request; 403 with
+  wrong; 403 with the same headers and ``X-Gate-Needs`` (the access class the request needs:
+  read, write or admin) when the role forbids the request, so nginx can say why; 403 with
   ``X-Gate-Reason: busy`` when no bcrypt slot can be had (nginx turns that into a 429,
   since auth_request passes only 2xx/401/403 through; see "Fair turns" below).
 - Every ``/auth`` answer echoes the request's ``X-Gate-Nonce``, so nginx can tell that an
@@ -344,6 +346,15 @@ def user_header_value(name: str) -> str:
     )
 
 
+def credential_kind(authorization: str) -> str:
+    """``token`` for an API token (Bearer), ``password`` for a user's Basic credentials.
+
+    Only called once :meth:`Gate.identify` accepted the header, which takes tokens only as
+    Bearer and passwords only as Basic.
+    """
+    return "token" if authorization.partition(" ")[0].lower() == "bearer" else "password"
+
+
 def make_app(gate: Gate, proxy_secret: bytes):
     """The WSGI callable gunicorn serves (the contract is in this module's docstring)."""
 
@@ -367,10 +378,15 @@ def make_app(gate: Gate, proxy_secret: bytes):
         if identity == BUSY:
             return _respond(start_response, "403 Forbidden", [("X-Gate-Reason", BUSY), *echo])
         name, role = identity
-        user_header = ("X-Gate-User", user_header_value(name))
+        who = [
+            ("X-Gate-User", user_header_value(name)),
+            ("X-Gate-Role", role),
+            ("X-Gate-Kind", credential_kind(environ.get("HTTP_AUTHORIZATION", ""))),
+        ]
         if not access.allowed(role, request.method, request.path):
-            return _respond(start_response, "403 Forbidden", [user_header, *echo])
-        return _respond(start_response, "204 No Content", [user_header, *echo])
+            needs = ("X-Gate-Needs", access.classify(request.method, request.path))
+            return _respond(start_response, "403 Forbidden", [*who, needs, *echo])
+        return _respond(start_response, "204 No Content", [*who, *echo])
 
     return app
 

@@ -121,14 +121,28 @@ def test_classify_webhooks_are_admin(method, path):
     ("method", "path"),
     [
         ("POST", "/ajax-api/3.0/mlflow/assistant/message"),
-        ("GET", "/ajax-api/3.0/mlflow/assistant/config"),
+        ("PUT", "/ajax-api/3.0/mlflow/assistant/config"),
         ("GET", "/ajax-api/3.0/mlflow/assistant/sessions/s-1/stream"),
+        ("GET", "/ajax-api/3.0/mlflow/assistant/providers/claude_code/models"),
         ("POST", "/ajax-api/3.0/jobs/"),
         ("POST", "/ajax-api/3.0/mlflow/demo/delete"),
     ],
 )
 def test_classify_server_side_execution_is_admin(method, path):
     assert access.classify(method, path) == "admin"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ajax-api/2.0/mlflow/users/current",
+        "/api/2.0/mlflow/users/current",
+        "/ajax-api/3.0/mlflow/assistant/config",
+        "/ajax-api/3.0/mlflow/assistant/providers",
+    ],
+)
+def test_classify_calls_of_every_ui_page_are_read(path):
+    assert access.classify("GET", path) == "read"
 
 
 def test_classify_head_is_treated_as_get():

@@ -5,6 +5,7 @@ import asyncio
 import json
 
 import guard
+import identity
 import pytest
 
 SECRET = b"ab" * 32
@@ -219,11 +220,13 @@ def test_guard_streamed_body_past_limit_abandoned():
         run([], method="POST", path="/api/2.0/mlflow/runs/search", headers=FROM_NGINX, body=chunks)
 
 
-def test_guard_secret_and_user_headers_not_passed_to_mlflow():
-    _, _, seen = run([], headers=(*FROM_NGINX, ("X-Other", "kept")))
+def test_guard_secret_and_identity_headers_not_passed_to_mlflow():
+    extra = (("X-Stack-Role", "viewer"), ("X-Stack-Auth", "token"), ("X-Other", "kept"))
+    _, _, seen = run([], headers=(*FROM_NGINX, *extra))
     names = {name for name, _ in seen["scope"]["headers"]}
-    assert b"x-stack-proxy-secret" not in names and b"x-stack-user" not in names
-    assert b"x-other" in names and seen["scope"]["state"]["stack_user"] == b"alice"
+    assert not {n for n in names if n.startswith(b"x-stack-")}
+    assert b"x-other" in names
+    assert seen["scope"]["state"]["stack_user"] == identity.Identity("alice", "viewer", "token")
     bearer = (("Authorization", "Bearer " + SECRET.decode()),)
     _, _, internal = run([], headers=bearer)
     assert b"authorization" not in {name for name, _ in internal["scope"]["headers"]}
@@ -235,3 +238,48 @@ def test_parse_size_nginx_syntax():
     assert guard.parse_size("1000") == 1000
     with pytest.raises(guard.GuardError):
         guard.parse_size("1g")
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/2.0/mlflow/users/current", "/ajax-api/2.0/mlflow/users/current"]
+)
+def test_guard_current_user_answered_from_verified_identity(path):
+    headers = (*FROM_NGINX[:1], ("X-Stack-User", "j%C3%B6rg"), ("X-Stack-Role", "admin"))
+    status, body, seen = run([], path=path, headers=headers)
+    assert status == 200 and seen is None
+    answer = json.loads(body)
+    assert answer["user"]["username"] == "jörg" and answer["user"]["is_admin"] is True
+    assert answer["is_basic_auth"] is False
+
+
+def test_guard_current_user_without_identity_refused():
+    status, _, seen = run([], path="/api/2.0/mlflow/users/current", headers=FROM_NGINX[:1])
+    assert status == 403 and seen is None
+
+
+def test_guard_identity_visible_to_app_only_during_its_request():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(identity.current())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def both():
+        wrapped = guard.Guard(app, SECRET, LIMIT)
+        scope = {"type": "http", "method": "GET", "path": "/api/2.0/mlflow/experiments/search"}
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            pass
+
+        headers = [(b"x-stack-proxy-secret", SECRET), (b"x-stack-user", b"alice")]
+        await wrapped({**scope, "headers": headers}, receive, send)
+        bearer = [(b"authorization", b"Bearer " + SECRET)]
+        await wrapped({**scope, "headers": bearer}, receive, send)
+        return identity.current()
+
+    after = asyncio.run(both())
+    assert [who and who.name for who in seen] == ["alice", None] and after is None

@@ -1,0 +1,110 @@
+// nginx's refusals, worded so that whoever is refused learns why and what to do.
+//
+// Why: a bare "Forbidden" tells a viewer nothing, and the MLflow client and the UI show an
+// error's text only when it comes in MLflow's own JSON shape ({"error_code", "message"}): the
+// client raises it as its exception's message and the UI puts it in its error banner.
+//
+// Contract (the named locations of templates/mlflow.conf.template call these):
+// - API paths (/api/, /ajax-api/, /graphql, /v1/: what clients and the UI's scripts call) get
+//   MLflow's JSON error shape; every other path (a page a browser opens) gets plain text, and
+//   a misdirected request from a browser a small HTML page.
+// - A message holds only what nginx or the gate wrote: the gate's percent-encoded user name
+//   (printable ASCII without quotes or backslashes), a role and an access class from fixed
+//   lists, the PUBLIC_HOSTNAME names (checked by the entrypoint). Nothing of the request's own
+//   text is echoed, and whatever is shown is escaped for its format anyway.
+// - Status codes and headers are kept: 401 keeps the gate's Basic challenge (browsers then
+//   ask for a password), 429 keeps Retry-After and its slow trickle, 421 stays 421.
+
+const API_PATH = /^\/(api\/|ajax-api\/|graphql(\/|$)|v1\/)/;
+
+// What each role may do, and the role a refused access class needs.
+const ROLE_SCOPE = {
+    viewer: "may read experiments, runs, models, traces and artifacts, but not change them",
+    editor: "may read and change experiments, runs, models, traces and artifacts, " +
+        "but not server-wide settings (webhooks, AI gateway, workspaces, jobs, the assistant)",
+    admin: "may do everything",
+};
+const NEEDED_ROLE = {
+    write: "This call changes data and needs the role 'editor' or 'admin'",
+    admin: "This call concerns server-wide settings and needs the role 'admin'",
+};
+
+function isApi(r) {
+    return API_PATH.test(r.variables.uri || "");
+}
+
+function send(r, status, errorCode, message) {
+    if (isApi(r)) {
+        r.headersOut["Content-Type"] = "application/json";
+        r.return(status, JSON.stringify({ error_code: errorCode, message: message }) + "\n");
+    } else {
+        r.headersOut["Content-Type"] = "text/plain; charset=utf-8";
+        r.return(status, message + "\n");
+    }
+}
+
+function unauthorized(r) {
+    // njs cannot hand auth_request the gate's challenge header itself; relayed by hand.
+    r.headersOut["WWW-Authenticate"] = r.variables.gate_challenge || 'Basic realm="MLflow"';
+    send(r, 401, "UNAUTHENTICATED",
+        "Authentication required: no valid user name and password, nor API token, came with " +
+        "this request. MLflow clients set MLFLOW_TRACKING_USERNAME and " +
+        "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN.");
+}
+
+function permissionMessage(user, kind, role, needs) {
+    const who = kind === "token" ? `The API token '${user}'` : `User '${user}'`;
+    const scope = ROLE_SCOPE[role];
+    if (!scope) {
+        return `Permission denied: ${who} may not make this call.`;
+    }
+    const needed = NEEDED_ROLE[needs] || "This call needs another role";
+    return `Permission denied: ${who} has the role '${role}', which ${scope}. ${needed}; ` +
+        "ask an administrator (scripts/stackctl user role).";
+}
+
+// The gate marks "too many bcrypt checks under way" as a 403 with a reason (auth_request
+// passes only 401/403 through); it becomes the 429 it really is.
+function refused(r) {
+    const v = r.variables;
+    if (v.gate_reason === "busy") {
+        r.headersOut["Retry-After"] = "1";
+        // Tarpit: the answer trickles out over seconds, so a client that ignores Retry-After (a
+        // password flood) sends a few requests per connection and second instead of hundreds,
+        // each of which costs the gate ~1 ms of CPU (scripts/benchmark, the flood cell).
+        v.limit_rate = "64";
+        send(r, 429, "RESOURCE_EXHAUSTED",
+            "Too many login attempts from this address are in progress; retry in 1 second.");
+        return;
+    }
+    send(r, 403, "PERMISSION_DENIED",
+        permissionMessage(v.gate_user, v.gate_kind, v.gate_role, v.gate_needs));
+}
+
+function escapeHtml(text) {
+    return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+        .replace(/"/g, "&quot;");
+}
+
+// A Host outside PUBLIC_HOSTNAME (DNS-rebinding defence): say which names this server answers
+// to. They are the names colleagues type, not secrets.
+function misdirected(r) {
+    const names = (r.variables.public_names || "").split(",").filter((name) => name);
+    const listed = names.length ? names.join(", ") : "(none configured)";
+    const accept = r.headersIn.Accept || "";
+    if (accept.indexOf("text/html") >= 0) {
+        const items = names.map((name) => `<li>${escapeHtml(name)}</li>`).join("");
+        r.headersOut["Content-Type"] = "text/html; charset=utf-8";
+        r.return(421, "<!doctype html><html><head><meta charset=\"utf-8\">" +
+            "<title>Wrong address for this MLflow</title></head><body>" +
+            "<h1>Wrong address for this MLflow</h1>" +
+            "<p>This server does not answer to the name in your address bar. " +
+            "It answers to:</p><ul>" + items + "</ul></body></html>\n");
+        return;
+    }
+    r.headersOut["Content-Type"] = "text/plain; charset=utf-8";
+    r.return(421, "Misdirected request: this server answers only to these names: " +
+        listed + "\n");
+}
+
+export default { unauthorized, refused, misdirected, permissionMessage };
