@@ -13,8 +13,10 @@ Contract:
   threads that inherit it (anyio copies the context into them).
 - While a request runs with an identity, what MLflow writes names that identity, whatever
   the client sent (:func:`install` hooks SQLAlchemy's flush, below every handler and
-  store method, so no spelling of a request body can get around it):
-  - a new run's ``user_id`` and its ``mlflow.user`` tag (added when the client sent none);
+  store method, so no spelling of a request body can get around it: the values MLflow
+  builds its row objects with, then each flush):
+  - a new run's ``user_id`` and its ``mlflow.user`` tag (added when the client sent none; the
+    answer to ``runs/create`` shows a tag the client sent, rewritten, or none);
   - a model version's ``user_id``; a new registered model gets an ``mlflow.user`` tag (MLflow
     3.17 keeps no creator for registered models);
   - an ``mlflow.user`` tag written later (``set-tag``, ``log-batch``) on a run or registered
@@ -105,34 +107,44 @@ def current_user_body(identity: Identity) -> bytes:
     ).encode()
 
 
-def _stamp(session, flush_context, instances) -> None:
-    """SQLAlchemy ``before_flush``: write the current identity where MLflow keeps users."""
+# MLflow's row classes whose user_id column names the creator.
+_CREATED_BY_USER_ID = frozenset({"SqlRun", "SqlModelVersion"})
+
+
+def _on_construct(target, args, kwargs) -> None:
+    """SQLAlchemy ``init`` (before a row object is built): the values MLflow passes in, so
+    what a handler returns right away (``runs/create`` answers with the new run) already says
+    who. ``kwargs`` may be changed in place at this point."""
+    identity = _current.get()
+    if identity is None:
+        return
+    if type(target).__name__ in _CREATED_BY_USER_ID:
+        kwargs["user_id"] = identity.name
+    elif kwargs.get("key") == USER_TAG:
+        kwargs["value"] = identity.name
+
+
+def _on_flush(session, flush_context, instances) -> None:
+    """SQLAlchemy ``before_flush``: add a missing creator tag; keep an existing one."""
     identity = _current.get()
     if identity is None:
         return
     from mlflow.store.model_registry.dbmodels.models import (
-        SqlModelVersion,
         SqlRegisteredModel,
         SqlRegisteredModelTag,
     )
     from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
     from sqlalchemy import inspect
 
-    name = identity.name
     for row in list(session.new):
-        if isinstance(row, SqlRun):
-            row.user_id = name
-            if not any(tag.key == USER_TAG for tag in row.tags):
-                row.tags.append(SqlTag(key=USER_TAG, value=name))
-        elif isinstance(row, SqlModelVersion):
-            row.user_id = name
-        elif isinstance(row, SqlRegisteredModel):
-            if not any(tag.key == USER_TAG for tag in row.registered_model_tags):
-                tag = SqlRegisteredModelTag(key=USER_TAG, value=name)
-                row.registered_model_tags.append(tag)
-                session.add(tag)
-        elif isinstance(row, SqlTag | SqlRegisteredModelTag) and row.key == USER_TAG:
-            row.value = name
+        if isinstance(row, SqlRun) and not any(tag.key == USER_TAG for tag in row.tags):
+            row.tags.append(SqlTag(key=USER_TAG, value=identity.name))
+        elif isinstance(row, SqlRegisteredModel) and not any(
+            tag.key == USER_TAG for tag in row.registered_model_tags
+        ):
+            tag = SqlRegisteredModelTag(key=USER_TAG, value=identity.name)
+            row.registered_model_tags.append(tag)
+            session.add(tag)
     for row in session.dirty:
         if isinstance(row, SqlTag | SqlRegisteredModelTag) and row.key == USER_TAG:
             history = inspect(row).attrs.value.history
@@ -141,9 +153,17 @@ def _stamp(session, flush_context, instances) -> None:
 
 
 def install() -> None:
-    """Hook :func:`_stamp` into every SQLAlchemy session of this process (idempotent)."""
+    """Hook the identity into MLflow's row objects and every SQLAlchemy session (idempotent)."""
+    from mlflow.store.model_registry.dbmodels.models import (
+        SqlModelVersion,
+        SqlRegisteredModelTag,
+    )
+    from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
     from sqlalchemy import event
     from sqlalchemy.orm import Session
 
-    if not event.contains(Session, "before_flush", _stamp):
-        event.listen(Session, "before_flush", _stamp)
+    for model in (SqlRun, SqlTag, SqlModelVersion, SqlRegisteredModelTag):
+        if not event.contains(model, "init", _on_construct):
+            event.listen(model, "init", _on_construct)
+    if not event.contains(Session, "before_flush", _on_flush):
+        event.listen(Session, "before_flush", _on_flush)

@@ -6,6 +6,7 @@ of the stackctl command. Timings are only bounds here; speed is scripts/benchmar
 """
 
 import base64
+import json
 import subprocess
 import threading
 import time
@@ -92,6 +93,7 @@ def test_password_flood_gets_429_while_verified_user_passes(stack):
     stack.add_user(*auth)
     _warm(stack, auth)
     statuses: list[int] = []
+    refusals: list = []
     stop = threading.Event()
 
     def attacker(n: int) -> None:
@@ -101,6 +103,8 @@ def test_password_flood_gets_429_while_verified_user_passes(stack):
                 # The 429 trickles out (tarpit); its status line arrives at once.
                 with requests.get(stack.url + SEARCH, auth=bad, stream=True, timeout=10) as r:
                     statuses.append(r.status_code)
+                    if r.status_code == 429 and not refusals:
+                        refusals.append((r.headers, r.content))  # trickles in over ~2 s
             except requests.RequestException:
                 pass
 
@@ -123,6 +127,11 @@ def test_password_flood_gets_429_while_verified_user_passes(stack):
     assert 429 in statuses, f"no 429 among {len(statuses)} flood answers"
     assert set(statuses) <= {401, 429}
     assert set(valid) == {200}
+    # The 429 says when to retry, in MLflow's error shape (the client shows its message).
+    headers, body = refusals[0]
+    assert headers["Retry-After"] == "1" and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error_code"] == "RESOURCE_EXHAUSTED"
+    assert "retry in 1 second" in json.loads(body)["message"]
 
 
 # Prints every printable run of 4+ bytes in nginx's shared-memory zones (shown in the maps as

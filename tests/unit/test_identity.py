@@ -44,6 +44,7 @@ def test_create_run_client_claim_replaced_by_verified_user(stores, as_user):
     as_user(ALICE)
     claimed = [RunTag(identity.USER_TAG, "mallory")]
     run = tracking.create_run("0", "mallory", 0, claimed, "r1")
+    assert run.info.user_id == "alice" and user_tag(run) == "alice"  # the answer too
     stored = tracking.get_run(run.info.run_id)
     assert stored.info.user_id == "alice" and user_tag(stored) == "alice"
 
