@@ -210,12 +210,10 @@ class Guard:
             ],
             "state": {**scope.get("state", {}), "stack_user": who},
         }
-        if (
-            who is not None
-            and method in ("GET", "HEAD")
-            and identity.CURRENT_USER_PATH.fullmatch(path)
-        ):
-            return await _send(send, 200, "application/json", identity.current_user_body(who))
+        if who is not None and method == "GET" and identity.ACCOUNT_PATH.fullmatch(path):
+            answer = identity.account_answer(who, path, scope.get("query_string", b""))
+            if answer is not None:
+                return await _send(send, answer[0], "application/json", answer[1])
         if origin is not None and method not in _SAFE_METHODS:
             host_text = (host or b"").decode("latin-1")
             if not origin_allowed(origin.decode("latin-1"), host_text):

@@ -24,8 +24,9 @@ Contract:
     creator stays the creator (the write still succeeds; other tags in it are kept).
 - ``GET /(ajax-)api/2.0/mlflow/users/current`` (MLflow's current-user call, which the UI makes
   on every page and which only MLflow's basic-auth app serves) answers the identity, so the
-  UI shows the account. ``is_basic_auth`` is false: the UI's change-password form would call
-  MLflow's user store, which this stack does not use (passwords are changed with stackctl).
+  UI shows the account; the account page's own roles and permissions calls answer the stack
+  role (:func:`account_answer`). ``is_basic_auth`` is false: the UI's change-password form
+  would call MLflow's user store, which this stack does not use (stackctl changes passwords).
 - Requests without an identity (the container's health check, the in-container job runner)
   write what MLflow would write without this module.
 
@@ -37,10 +38,14 @@ import contextvars
 import json
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 USER_TAG = "mlflow.user"
-CURRENT_USER_PATH = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/users/current")
+# The UI's account calls (MLflow serves them only in its basic-auth app).
+ACCOUNT_PATH = re.compile(r"/(?:ajax-)?api/[23]\.0/mlflow/users/.+")
+_CURRENT_USER = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/users/current")
+_CURRENT_PERMISSIONS = re.compile(r"/(?:ajax-)?api/3\.0/mlflow/users/current/permissions")
+_ROLES_LIST = re.compile(r"/(?:ajax-)?api/3\.0/mlflow/users/roles/list")
 ROLES = frozenset({"viewer", "editor", "admin"})
 KINDS = frozenset({"password", "token"})
 
@@ -87,6 +92,58 @@ def serve_as(identity: Identity | None) -> contextvars.Token:
 
 def reset(token: contextvars.Token) -> None:
     _current.reset(token)
+
+
+# What each stack role means in the terms of MLflow's permission model, for the UI's account
+# page. Descriptive only: the gate enforces the roles (scripts/mlflowstack/access.py).
+_ROLE_PERMISSION = {"viewer": "READ", "editor": "EDIT", "admin": "MANAGE"}
+_ROLE_DESCRIPTION = {
+    "viewer": "Reads everything; changes nothing.",
+    "editor": "Reads and changes experiments, runs, models, traces and artifacts.",
+    "admin": "Everything, including server-wide settings.",
+}
+_RESOURCE_TYPES = ("experiment", "registered_model")
+
+
+def account_answer(identity: Identity, path: str, query: bytes) -> tuple[int, bytes] | None:
+    """The UI's account calls, answered from the verified identity; None for any other path.
+
+    ``users/current`` (every page), ``users/current/permissions`` and ``users/roles/list``
+    for the user's own name (the account page). Another user's roles are not known here
+    (the users file is the gate's), so that is a 403 in MLflow's error shape.
+    """
+    if _CURRENT_USER.fullmatch(path):
+        return 200, current_user_body(identity)
+    permission = _ROLE_PERMISSION.get(identity.role)
+    grants = [
+        {"resource_type": kind, "resource_pattern": "*", "permission": permission}
+        for kind in _RESOURCE_TYPES
+        if permission
+    ]
+    if _CURRENT_PERMISSIONS.fullmatch(path):
+        rows = [
+            {"role_id": 0, "role_name": identity.role, "workspace": "default", **grant}
+            for grant in grants
+        ]
+        return 200, _json({"is_admin": identity.role == "admin", "permissions": rows})
+    if _ROLES_LIST.fullmatch(path):
+        asked = parse_qs(query.decode("latin-1")).get("username", [identity.name])[0]
+        if asked != identity.name:
+            message = "Users and roles are managed with scripts/stackctl; only your own are shown."
+            return 403, _json({"error_code": "PERMISSION_DENIED", "message": message})
+        role = {
+            "id": 0,
+            "name": identity.role,
+            "workspace": "default",
+            "description": _ROLE_DESCRIPTION.get(identity.role, ""),
+            "permissions": [{"id": 0, "role_id": 0, **grant} for grant in grants],
+        }
+        return 200, _json({"roles": [role]})
+    return None
+
+
+def _json(document) -> bytes:
+    return json.dumps(document).encode()
 
 
 def current_user_body(identity: Identity) -> bytes:

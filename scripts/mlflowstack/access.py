@@ -43,6 +43,8 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     # verified identity (server/identity.py), not by MLflow, which serves it only in its
     # basic-auth app.
     ("GET", READ, "/api/2.0/mlflow/users/current"),
+    ("GET", READ, "/api/3.0/mlflow/users/current/permissions"),  # the account page, likewise
+    ("GET", READ, "/api/3.0/mlflow/users/roles/list"),
     ("GET POST", READ, "/api/3.0/mlflow/ui-telemetry"),  # every UI session posts this
     # GraphQL: in 3.17 its "mutations" are searches and a test echo, so POST only reads.
     ("GET POST", READ, "/graphql"),

@@ -137,6 +137,8 @@ def test_classify_server_side_execution_is_admin(method, path):
     [
         "/ajax-api/2.0/mlflow/users/current",
         "/api/2.0/mlflow/users/current",
+        "/ajax-api/3.0/mlflow/users/current/permissions",
+        "/ajax-api/3.0/mlflow/users/roles/list",
         "/ajax-api/3.0/mlflow/assistant/config",
         "/ajax-api/3.0/mlflow/assistant/providers",
     ],

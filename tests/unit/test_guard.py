@@ -14,7 +14,9 @@ SECRET = b"ab" * 32
 LIMIT = 1 << 20
 
 
-def run(app, method="GET", path="/api/2.0/mlflow/experiments/search", headers=(), body=b""):
+def run(
+    app, method="GET", path="/api/2.0/mlflow/experiments/search", headers=(), body=b"", query=b""
+):
     """Call the guard as uvicorn would; (status, body, what the wrapped app saw or None)."""
     seen = {}
 
@@ -47,6 +49,7 @@ def run(app, method="GET", path="/api/2.0/mlflow/experiments/search", headers=()
         "type": "http",
         "method": method,
         "path": path,
+        "query_string": query,
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
     }
     asyncio.run(guard.Guard(inner, SECRET, LIMIT)(scope, receive, send))
@@ -283,3 +286,22 @@ def test_guard_identity_visible_to_app_only_during_its_request():
 
     after = asyncio.run(both())
     assert [who and who.name for who in seen] == ["alice", None] and after is None
+
+
+def test_guard_account_page_calls_answer_own_role_only():
+    headers = (*FROM_NGINX, ("X-Stack-Role", "viewer"))
+    base = "/ajax-api/3.0/mlflow/users"
+    status, body, seen = run([], path=base + "/current/permissions", headers=headers)
+    assert status == 200 and seen is None
+    assert {row["permission"] for row in json.loads(body)["permissions"]} == {"READ"}
+    status, body, _ = run([], path=base + "/roles/list", headers=headers)
+    assert status == 200 and json.loads(body)["roles"][0]["name"] == "viewer"
+
+
+def test_guard_other_users_roles_403_mlflow_error():
+    headers = (*FROM_NGINX, ("X-Stack-Role", "admin"))
+    status, body, seen = run(
+        [], path="/ajax-api/3.0/mlflow/users/roles/list", headers=headers, query=b"username=bob"
+    )
+    assert status == 403 and seen is None
+    assert json.loads(body)["error_code"] == "PERMISSION_DENIED"
