@@ -219,7 +219,8 @@ class Guard:
             if not origin_allowed(origin.decode("latin-1"), host_text):
                 shown = _printable(origin), method, _printable(path)
                 log.warning("refused: foreign origin %s: %s %s", *shown)
-                return await _refuse(send, 403, "Forbidden: cross-origin write")
+                message = "Permission denied: a write from another site (Origin) is refused"
+                return await _mlflow_error(send, message, 403, "PERMISSION_DENIED")
         token = identity.serve_as(who)
         try:
             if method == "POST" and _CREATE_EXPERIMENT.fullmatch(path):
@@ -227,7 +228,8 @@ class Guard:
             if not (method == "PUT" and _ARTIFACT_PUT.fullmatch(path)):
                 length = content_length(scope["headers"])
                 if length is not None and length > self._body_limit:
-                    return await _refuse(send, 413, "Request body too large")
+                    message = f"Request body too large: at most {self._body_limit} bytes here"
+                    return await _mlflow_error(send, message, 413, "RESOURCE_LIMIT_EXCEEDED")
                 receive = _bounded(receive, self._body_limit)
             return await self.app(scope, receive, send)
         finally:
@@ -267,20 +269,13 @@ async def _refuse(send, status: int, text: str) -> None:
     await _send(send, status, "text/plain", (text + "\n").encode())
 
 
-async def _mlflow_error(send, message: str) -> None:
-    """MLflow's own error shape, so the client raises its usual MlflowException."""
-    body = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _mlflow_error(
+    send, message: str, status: int = 400, code: str = "INVALID_PARAMETER_VALUE"
+) -> None:
+    """MLflow's own error shape, so the client raises its usual MlflowException with this
+    message, and the UI shows it in its error banner."""
+    body = json.dumps({"error_code": code, "message": message}).encode()
+    await _send(send, status, "application/json", body)
 
 
 def create_app():

@@ -13,7 +13,8 @@
 //   lists, the PUBLIC_HOSTNAME names (checked by the entrypoint). Nothing of the request's own
 //   text is echoed, and whatever is shown is escaped for its format anyway.
 // - Status codes and headers are kept: 401 keeps the gate's Basic challenge (browsers then
-//   ask for a password), 429 keeps Retry-After and its slow trickle, 421 stays 421.
+//   ask for a password), 429 keeps Retry-After and its slow trickle, 421 stays 421, and 413
+//   names the limit (REQUEST_BODY_LIMIT).
 
 const API_PATH = /^\/(api\/|ajax-api\/|graphql(\/|$)|v1\/)/;
 
@@ -81,6 +82,13 @@ function refused(r) {
         permissionMessage(v.gate_user, v.gate_kind, v.gate_role, v.gate_needs));
 }
 
+// A JSON call's body past REQUEST_BODY_LIMIT (artifact uploads have no limit).
+function tooLarge(r) {
+    send(r, 413, "RESOURCE_LIMIT_EXCEEDED",
+        `Request body too large: this server accepts at most ${r.variables.body_limit} for ` +
+        "MLflow's JSON calls (REQUEST_BODY_LIMIT in .env); artifact uploads have no limit.");
+}
+
 function escapeHtml(text) {
     return text.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
         .replace(/"/g, "&quot;");
@@ -107,4 +115,4 @@ function misdirected(r) {
         listed + "\n");
 }
 
-export default { unauthorized, refused, misdirected, permissionMessage };
+export default { unauthorized, refused, misdirected, tooLarge };

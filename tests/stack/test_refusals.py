@@ -80,3 +80,14 @@ def test_foreign_host_421_names_public_names_plain_and_html(stack):
         "exec", "-T", "nginx", "cat", "/var/lib/mlflow-stack/secrets/proxy-secret"
     ).strip()
     assert secret and secret not in plain.text + html.text
+
+
+def test_json_body_past_limit_413_names_limit(stack, editor):
+    response = requests.post(
+        stack.url + "/api/2.0/mlflow/runs/log-batch", data=b" " * (33 << 20), auth=editor
+    )
+    assert response.status_code == 413
+    assert response.json()["error_code"] == "RESOURCE_LIMIT_EXCEEDED"
+    assert (
+        "32m" in response.json()["message"] and "REQUEST_BODY_LIMIT" in response.json()["message"]
+    )
