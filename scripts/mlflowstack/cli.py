@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="render or check the settings").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    config.add_parser("render", help="print the effective settings").set_defaults(
-        run=commands.config_render
-    )
+    config.add_parser(
+        "render", help="print nginx's site config as rendered from .env"
+    ).set_defaults(run=commands.config_render)
     config.add_parser("check", help="validate compose and nginx settings").set_defaults(
         run=commands.config_check
     )

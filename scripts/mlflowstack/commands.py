@@ -9,6 +9,7 @@ cross that boundary on stdin only, never in arguments or the environment.
 """
 
 import getpass
+import importlib
 import json
 import os
 import secrets
@@ -50,7 +51,10 @@ def _compose(args, *compose_args: str, stdin_text: str | None = None) -> int:
             check=False,
         )
     except FileNotFoundError:
-        raise BundleError("docker is not installed here; or pass --users-dir") from None
+        raise BundleError(
+            "docker is not installed here (config commands need it; user and token commands "
+            "do too, unless --users-dir names the users directory)"
+        ) from None
     return completed.returncode
 
 
@@ -58,6 +62,26 @@ def _in_auth_image(args, argv: list[str], stdin_text: str | None = None) -> int:
     return _compose(
         args, "run", "--rm", "-T", "--no-deps", "stackctl", *argv, stdin_text=stdin_text
     )
+
+
+def _terminal_available() -> bool:
+    """Whether getpass can prompt on a terminal (without one it would echo the password)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
+def _prompt(text: str) -> str:
+    try:
+        return getpass.getpass(text)
+    except (EOFError, KeyboardInterrupt) as stop:
+        # getpass leaves the cursor after its prompt: end that line before any message.
+        print(file=sys.stderr)
+        if isinstance(stop, EOFError):
+            raise BundleError("no password entered, nothing changed") from None
+        raise
 
 
 def _read_new_password(args) -> str | None:
@@ -68,18 +92,41 @@ def _read_new_password(args) -> str | None:
         line = sys.stdin.readline()
         password = line[:-1] if line.endswith("\n") else line
     else:
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Repeat it: ") != password:
+        if not _terminal_available():
+            raise BundleError(
+                "no terminal to ask for the password: pass --password-stdin or --generate"
+            )
+        password = _prompt("New password: ")
+        if _prompt("Repeat it: ") != password:
             raise BundleError("the two passwords differ")
     validate_password(password)
     return password
 
 
+def _require_bcrypt() -> None:
+    """Raise BundleError unless this Python can make bcrypt hashes (a stock python3 cannot)."""
+    try:
+        for module in ("passlib.hash", "bcrypt"):
+            importlib.import_module(module)
+    except ImportError as error:
+        package = (error.name or "passlib").partition(".")[0]
+        raise BundleError(
+            f"{package} is not installed here, so this python cannot hash passwords: "
+            "drop --users-dir (the command then runs in the auth image), or run stackctl "
+            "with a python that has passlib and bcrypt"
+        ) from None
+
+
 def _change_password(args, apply) -> int:
-    """Shared by add and passwd: read the password where the user is, apply it in the store."""
+    """Shared by add and passwd: read the password where the user is, apply it in the store.
+
+    ``apply(store, password)`` makes the change and returns the line that reports it.
+    """
     validate_name(args.name)
-    password = _read_new_password(args)
     store = _local_store(args)
+    if store is not None:
+        _require_bcrypt()
+    password = _read_new_password(args)
     if store is None:
         argv = [a for a in args.argv if a not in ("--password-stdin", "--generate")]
         if password is None:
@@ -87,28 +134,44 @@ def _change_password(args, apply) -> int:
         return _in_auth_image(args, [*argv, "--password-stdin"], stdin_text=password + "\n")
     shown = password is None
     password = password or generate_password()
-    user = apply(store, password)
-    print(f"{args.command} {args.action}: {user.name} ({user.role})", file=sys.stderr)
+    report = apply(store, password)
+    if shown:
+        # The one place the password ever appears: say so, or it looks like any other output.
+        report += "; the generated password follows, shown only now:"
+    print(report, file=sys.stderr)
     if shown:
         print(password)
     return 0
 
 
 def user_add(args) -> int:
-    return _change_password(
-        args, lambda store, password: store.add_user(args.name, password, args.role, args.cost)
-    )
+    def apply(store: UserStore, password: str) -> str:
+        user = store.add_user(args.name, password, args.role, args.cost)
+        return f"user {user.name}: added (role {user.role})"
+
+    return _change_password(args, apply)
 
 
 def user_passwd(args) -> int:
-    def apply(store: UserStore, password: str):
-        user = store.set_password(args.name, password, args.cost)
-        if args.name == INITIAL_ADMIN:
-            # The first-run password file no longer tells the truth: remove it.
-            store.initial_password_path.unlink(missing_ok=True)
-        return user
+    def apply(store: UserStore, password: str) -> str:
+        store.set_password(args.name, password, args.cost)
+        report = f"user {args.name}: password changed"
+        # The first-run password file no longer tells the truth: remove it, and say so, as the
+        # README sends newcomers to that file.
+        if args.name == INITIAL_ADMIN and _remove(store.initial_password_path):
+            report += "; the initial password file was removed (it held the old password)"
+        return report
 
     return _change_password(args, apply)
+
+
+def _remove(path: Path) -> bool:
+    """Remove ``path``; return whether there was one to remove."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _store_or_delegate(args):
@@ -159,6 +222,8 @@ def user_list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if not rows:
+        print("user list: no users yet (the stack's first start creates admin)", file=sys.stderr)
     print(f"{'NAME':<24} {'ROLE':<7} {'ENABLED':<8} SCHEME")
     for row in rows:
         enabled = "yes" if row["enabled"] else "no"
@@ -207,6 +272,7 @@ def bootstrap(args) -> int:
     if store.load_users().users:
         print("bootstrap: users exist, nothing to do", file=sys.stderr)
         return 0
+    _require_bcrypt()
     password = generate_password()
     create_file(store.initial_password_path, (password + "\n").encode(), SECRET_MODE, force=True)
     try:

@@ -1,3 +1,4 @@
+import contextlib
 import io
 import json
 import os
@@ -28,16 +29,16 @@ def users_dir(tmp_path, monkeypatch):
 
 
 def run(users_dir, *argv, stdin=""):
-    """Run stackctl in-process on ``users_dir``; return (status, stdout, stderr)."""
-    import contextlib
-
+    """Run stackctl in-process on ``users_dir`` (None: none given); return (status, stdout,
+    stderr)."""
     out, err = io.StringIO(), io.StringIO()
     old_stdin = sys.stdin
     sys.stdin = io.StringIO(stdin)
+    where = [] if users_dir is None else ["--users-dir", str(users_dir)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                status = cli.main(["--users-dir", str(users_dir), *argv])
+                status = cli.main([*where, *argv])
             except SystemExit as exit_:
                 status = exit_.code
     finally:
@@ -58,6 +59,7 @@ def test_user_add_generate_prints_password_once(users_dir):
     status, out, err = run(users_dir, "user", "add", "bot", "--role", "viewer", "--generate")
     password = out.strip()
     assert status == 0 and len(password) >= 20 and password not in err
+    assert err == "user bot: added (role viewer); the generated password follows, shown only now:\n"
 
 
 @pytest.mark.parametrize(
@@ -134,10 +136,28 @@ def test_bootstrap_twice_changes_nothing(users_dir):
     assert before == after
 
 
-def test_user_passwd_admin_removes_initial_password_file(users_dir):
+def test_user_passwd_admin_removes_initial_password_file_and_says_so(users_dir):
     run(users_dir, "bootstrap")
-    run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
-    assert not (users_dir / "initial-admin-password").exists()
+    status, _, err = run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
+    assert status == 0 and not (users_dir / "initial-admin-password").exists()
+    assert err == (
+        "user admin: password changed; the initial password file was removed "
+        "(it held the old password)\n"
+    )
+
+
+def test_user_passwd_admin_without_initial_password_file_claims_no_removal(users_dir):
+    run(users_dir, "user", "add", "admin", "--role", "admin", "--password-stdin", stdin="pw\n")
+    status, _, err = run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
+    assert status == 0 and err == "user admin: password changed\n"
+
+
+def test_user_passwd_other_user_keeps_initial_password_file(users_dir):
+    run(users_dir, "bootstrap")
+    run(users_dir, "user", "add", "alice", "--password-stdin", stdin="pw\n")
+    status, _, err = run(users_dir, "user", "passwd", "alice", "--password-stdin", stdin="new\n")
+    assert status == 0 and err == "user alice: password changed\n"
+    assert (users_dir / "initial-admin-password").exists()
 
 
 def test_init_writes_env_once_and_keeps_it_without_force(users_dir, tmp_path):
@@ -184,3 +204,54 @@ def test_user_add_without_users_dir_delegates_password_on_stdin(monkeypatch):
     assert "s3cret" not in " ".join(seen["args"])
     assert seen["args"][-4:] == ("user", "add", "bob", "--password-stdin")
     assert seen["stdin"] == "s3cret\n"
+
+
+def test_user_list_no_users_says_how_the_first_comes(users_dir):
+    status, out, err = run(users_dir, "user", "list")
+    assert status == 0 and out.startswith("NAME") and "first start creates admin" in err
+
+
+@pytest.mark.parametrize("argv", [["user", "add", "bob"], ["bootstrap"]])
+def test_main_users_dir_without_passlib_one_line_error_nothing_written(
+    users_dir, monkeypatch, argv
+):
+    # What a stock python3 on the host looks like: no passlib to import.
+    monkeypatch.setitem(sys.modules, "passlib", None)
+    monkeypatch.setitem(sys.modules, "passlib.hash", None)
+    status, _, err = run(users_dir, *argv)
+    assert status == 1 and err.count("\n") == 1 and "passlib is not installed here" in err
+    assert list(users_dir.iterdir()) == []
+
+
+def test_user_add_no_terminal_one_line_error_instead_of_prompt(users_dir, monkeypatch):
+    monkeypatch.setattr(commands, "_terminal_available", lambda: False)
+    monkeypatch.setattr(commands.getpass, "getpass", pytest.fail)
+    status, _, err = run(users_dir, "user", "add", "bob")
+    assert status == 1 and err == (
+        "stackctl: no terminal to ask for the password: pass --password-stdin or --generate\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "stop,status,message",
+    [
+        (EOFError, 1, "stackctl: no password entered, nothing changed"),
+        (KeyboardInterrupt, 130, "stackctl: interrupted, nothing changed"),
+    ],
+)
+def test_user_add_prompt_ended_line_ended_before_one_line_error(
+    users_dir, monkeypatch, stop, status, message
+):
+    def getpass(prompt):
+        raise stop
+
+    monkeypatch.setattr(commands, "_terminal_available", lambda: True)
+    monkeypatch.setattr(commands.getpass, "getpass", getpass)
+    assert run(users_dir, "user", "add", "bob") == (status, "", f"\n{message}\n")
+    assert list(users_dir.iterdir()) == []
+
+
+def test_config_check_without_docker_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    status, _, err = run(None, "config", "check")
+    assert status == 1 and err.count("\n") == 1 and "docker is not installed here" in err
