@@ -25,6 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="create what a fresh install lacks (.env, first admin)")
     init.add_argument("--force", action="store_true", help="replace .env from .env.example")
+    ca = init.add_mutually_exclusive_group()
+    ca.add_argument(
+        "--ca-bundle",
+        metavar="PATH",
+        help="EXTRA_CA_BUNDLE for the new .env: the CA bundle pip trusts in image builds "
+        "(default: this host's)",
+    )
+    ca.add_argument(
+        "--no-ca-bundle", action="store_true", help="leave EXTRA_CA_BUNDLE unset in the new .env"
+    )
     init.set_defaults(run=commands.init)
 
     bootstrap = sub.add_parser("bootstrap", help="create the first admin if there is no user")

@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 from mlflowstack import cli, commands, users
@@ -18,6 +19,14 @@ def fast_hashes(monkeypatch, bcrypt_hash):
         "hash_password",
         lambda pw, cost=12: bcrypt_hash(pw) if cost == 12 else real(pw, cost),
     )
+
+
+@pytest.fixture(autouse=True)
+def no_host_ca_bundle(monkeypatch):
+    """init looks at this host's CA bundle; tests give it their own candidates instead."""
+    for name in ("EXTRA_CA_BUNDLE", *commands.CA_BUNDLE_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", ())
 
 
 @pytest.fixture
@@ -255,3 +264,208 @@ def test_config_check_without_docker_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     status, _, err = run(None, "config", "check")
     assert status == 1 and err.count("\n") == 1 and "docker is not installed here" in err
+
+
+# init and EXTRA_CA_BUNDLE
+
+PEM = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"
+EXAMPLE_LINE = "# EXTRA_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"
+EXAMPLE = f"HTTP_PORT=80\n# The CA bundle pip trusts.\n{EXAMPLE_LINE}\nBASE=x\n"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A bundle with an .env.example; init's bootstrap goes to a fake `docker compose`."""
+    directory = tmp_path / "bundle"
+    directory.mkdir()
+    (directory / ".env.example").write_text(EXAMPLE)
+    monkeypatch.delenv("USERS_DIR", raising=False)
+    monkeypatch.setattr(commands, "_compose", lambda args, *compose_args, **_: 0)
+    return directory
+
+
+def init(project, *argv):
+    return run(None, "--project-dir", str(project), "init", *argv)
+
+
+def bundle(path: Path, content: bytes = PEM) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_init_host_bundle_found_written_in_place_of_example_line(project, tmp_path, monkeypatch):
+    found = bundle(tmp_path / "etc" / "ca.crt")
+    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(tmp_path / "absent.crt"), str(found)))
+    status, out, err = init(project)
+    assert status == 0 and out == ""
+    assert (project / ".env").read_text() == EXAMPLE.replace(
+        EXAMPLE_LINE, f"EXTRA_CA_BUNDLE={found}"
+    )
+    lines = err.splitlines()
+    assert lines[0].startswith("init: wrote ") and lines[1] == (
+        f"init: EXTRA_CA_BUNDLE={found} in .env, this host's CA bundle: pip in the image builds "
+        "then trusts what this host trusts, needed behind a TLS-inspecting proxy and harmless "
+        "otherwise (--no-ca-bundle leaves it unset)"
+    )
+
+
+def test_init_no_host_bundle_keeps_example_line_and_says_so(project):
+    status, _, err = init(project)
+    assert status == 0 and (project / ".env").read_text() == EXAMPLE
+    assert "init: found no CA bundle on this host, so EXTRA_CA_BUNDLE is unset" in err
+
+
+def test_init_ca_bundle_option_relative_path_written_absolute(project, tmp_path, monkeypatch):
+    bundle(tmp_path / "certs" / "corp.pem")
+    monkeypatch.chdir(tmp_path)
+    status, _, err = init(project, "--ca-bundle", "certs/corp.pem")
+    assert status == 0
+    assert f"EXTRA_CA_BUNDLE={tmp_path / 'certs' / 'corp.pem'}\n" in (project / ".env").read_text()
+    assert "(from --ca-bundle)" in err
+
+
+def test_init_no_ca_bundle_option_leaves_example_line(project, tmp_path, monkeypatch):
+    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    status, _, err = init(project, "--no-ca-bundle")
+    assert status == 0 and (project / ".env").read_text() == EXAMPLE
+    assert err.splitlines() == [f"init: wrote {project / '.env'} from .env.example"]
+
+
+def test_init_shell_sets_extra_ca_bundle_leaves_env_unset_and_says_so(
+    project, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    monkeypatch.setenv("EXTRA_CA_BUNDLE", "/elsewhere/ca.pem")
+    status, _, err = init(project)
+    assert status == 0 and (project / ".env").read_text() == EXAMPLE
+    assert "EXTRA_CA_BUNDLE is set in this shell" in err
+
+
+def test_init_example_already_sets_bundle_keeps_it(project, tmp_path, monkeypatch):
+    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    (project / ".env.example").write_text("EXTRA_CA_BUNDLE=/corp/ca.pem\n")
+    status, _, err = init(project)
+    assert status == 0 and (project / ".env").read_text() == "EXTRA_CA_BUNDLE=/corp/ca.pem\n"
+    assert err.splitlines() == [f"init: wrote {project / '.env'} from .env.example"]
+
+
+def test_init_existing_env_ca_bundle_option_refused_env_unchanged(project, tmp_path):
+    (project / ".env").write_text("HTTP_PORT=8080\n")
+    status, _, err = init(project, "--ca-bundle", str(bundle(tmp_path / "ca.crt")))
+    assert status == 1 and err.count("\n") == 1 and "--force" in err
+    assert (project / ".env").read_text() == "HTTP_PORT=8080\n"
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("absent.pem", None, "no such file"),
+        ("", "directory", "not a regular file"),
+        ("empty.pem", b"", "empty file"),
+        ("hosts", b"127.0.0.1 localhost\n", "not a PEM CA bundle"),
+        ("dir", "directory", "not a regular file"),
+        ("with space.pem", PEM, "white space"),
+        ("dollar$HOME.pem", PEM, "'$'"),
+        ("hash#.pem", PEM, "'#'"),
+        ("quote'.pem", PEM, '"\'"'),
+        ('dquote".pem', PEM, "'\"'"),
+        ("back\\slash.pem", PEM, "'\\\\'"),
+        ("new\nline.pem", PEM, "control character"),
+    ],
+)
+def test_init_bad_ca_bundle_option_one_line_error_nothing_written(
+    project, tmp_path, monkeypatch, name, content, message
+):
+    path = tmp_path / name
+    if content == "directory":
+        path.mkdir(exist_ok=True)
+    elif content is not None:
+        path.write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = init(project, "--ca-bundle", name)
+    assert status == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("stackctl: ") and message in err
+    assert not (project / ".env").exists()
+
+
+def test_init_host_bundle_path_env_cannot_hold_refused_nothing_written(
+    project, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle(tmp_path / "my certs" / "ca.pem")))
+    status, _, err = init(project)
+    assert status == 1 and err.count("\n") == 1
+    assert "named by $SSL_CERT_FILE" in err and "--no-ca-bundle" in err
+    assert not (project / ".env").exists()
+
+
+def test_main_ca_bundle_and_no_ca_bundle_together_usage_error(project, tmp_path):
+    status, _, err = init(
+        project, "--ca-bundle", str(bundle(tmp_path / "ca.crt")), "--no-ca-bundle"
+    )
+    assert status == 2 and "not allowed with" in err
+    assert not (project / ".env").exists()
+
+
+def test_find_ca_bundle_variables_in_order_before_paths(tmp_path):
+    paths = [str(bundle(tmp_path / "system.crt"))]
+    environ = {
+        "PIP_CERT": str(bundle(tmp_path / "pip.pem")),
+        "REQUESTS_CA_BUNDLE": str(bundle(tmp_path / "requests.pem")),
+    }
+    assert commands.find_ca_bundle(environ, paths) == (
+        tmp_path / "requests.pem",
+        "REQUESTS_CA_BUNDLE",
+    )
+    assert commands.find_ca_bundle({}, paths) == (tmp_path / "system.crt", "")
+
+
+def test_find_ca_bundle_missing_empty_and_non_pem_passed_over(tmp_path):
+    environ = {
+        "SSL_CERT_FILE": str(tmp_path / "absent.pem"),
+        "REQUESTS_CA_BUNDLE": str(bundle(tmp_path / "empty.pem", b"")),
+        "PIP_CERT": str(bundle(tmp_path / "text.pem", b"not a certificate\n")),
+    }
+    paths = [str(tmp_path), str(bundle(tmp_path / "ok.crt"))]
+    assert commands.find_ca_bundle(environ, paths) == (tmp_path / "ok.crt", "")
+
+
+def test_find_ca_bundle_nothing_usable_returns_none(tmp_path):
+    assert commands.find_ca_bundle({"SSL_CERT_FILE": ""}, [str(tmp_path / "absent")]) is None
+
+
+def test_find_ca_bundle_relative_variable_returned_absolute(tmp_path, monkeypatch):
+    bundle(tmp_path / "ca.pem")
+    monkeypatch.chdir(tmp_path)
+    assert commands.find_ca_bundle({"SSL_CERT_FILE": "ca.pem"}, []) == (
+        tmp_path / "ca.pem",
+        "SSL_CERT_FILE",
+    )
+
+
+def test_ca_bundle_problem_unreadable_file_reported(tmp_path, monkeypatch):
+    path = bundle(tmp_path / "ca.pem")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    # (Tests may run as root, whom file modes do not stop.)
+    monkeypatch.setattr(Path, "open", refuse)
+    assert commands.ca_bundle_problem(path) == "cannot be read (Permission denied)"
+
+
+def test_ca_bundle_problem_bundle_with_leading_comments_accepted(tmp_path):
+    assert commands.ca_bundle_problem(bundle(tmp_path / "ca.crt", b"# ACCVRAIZ1\n" + PEM)) is None
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"A=1\n# X=/old\nB=2\n", b"A=1\nX=/new\nB=2\n"),
+        (b"X=/set\n# X=/old\n", b"X=/new\n# X=/old\n"),
+        (b"A=1\n#XX=1\n# X_Y=1", b"A=1\n#XX=1\n# X_Y=1\nX=/new\n"),
+        (b"", b"X=/new\n"),
+    ],
+)
+def test_env_with_setting_replaces_line_or_appends(content, expected):
+    assert commands.env_with_setting(content, "X", "/new") == expected
