@@ -1,10 +1,14 @@
 """The stack tier: build and start the real stack with pytest-docker, drive it from outside.
 
-Runs under its own compose project name, publishes on 127.0.0.1 only, and ends with
-``down -v``. Everything a test needs from inside the stack goes through ``docker compose``.
+Runs under its own compose project name (STACK_TEST_PROJECT, default ``mlflowstack-test``; its
+images are named after it too), publishes on 127.0.0.1 only (STACK_TEST_PORT, default a free
+port), and ends with ``down -v``. Everything a test needs from inside the stack goes through
+``docker compose``. The stack runs compose.yaml's defaults: the repository's ``.env`` (a
+developer's own settings) is not read, except for the build's CA bundle (see docker_setup).
 """
 
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -15,7 +19,9 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT = "mlflowstack-test"
+PROJECT = os.environ.get("STACK_TEST_PROJECT") or "mlflowstack-test"
+# compose.yaml's own project name: a developer's stack, whose volumes ``down -v`` would delete.
+_DEFAULT_PROJECT = "mlflow-stack"
 
 
 def _free_port() -> int:
@@ -46,12 +52,38 @@ def docker_compose_project_name():
 
 @pytest.fixture(scope="session")
 def docker_setup():
+    """Settings for every compose call of the session (pytest-docker's, Stack's, and stackctl's
+    on the host): no ``.env`` (COMPOSE_ENV_FILES), this project, this port; the build's CA
+    bundle where the README's ``docker compose up`` finds it. The environment's other settings
+    (e.g. BASE_IMAGE) still apply, as an explicit choice of whoever runs the tests."""
+    if PROJECT == _DEFAULT_PROJECT:
+        raise pytest.UsageError(f"STACK_TEST_PROJECT={PROJECT}: the tests end with down -v")
+    ca_bundle = _build_ca_bundle()
     os.environ.update(
+        COMPOSE_ENV_FILES=os.devnull,
+        COMPOSE_PROJECT_NAME=PROJECT,
         HTTP_PORT=str(PORT),
         BIND_ADDRESS="127.0.0.1",
         PUBLIC_HOSTNAME=f"127.0.0.1:{PORT},localhost",
     )
+    if ca_bundle:
+        os.environ["EXTRA_CA_BUNDLE"] = ca_bundle
     return ["up --build -d --wait"]
+
+
+def _build_ca_bundle() -> str | None:
+    """EXTRA_CA_BUNDLE as ``docker compose up`` in the repository resolves it (the environment,
+    else the repository's .env; a relative path made absolute), or None when none is set."""
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode:
+        return None
+    path = json.loads(result.stdout).get("secrets", {}).get("extra_ca", {}).get("file")
+    return path if path and path != os.devnull else None
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +105,15 @@ class Stack:
 
     def stackctl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         return self.compose("run", "--rm", "-T", "stackctl", *args, input=input, check=check)
+
+    def image(self, service: str) -> str:
+        """The image (its ID) the service's container runs, e.g. to start a helper beside it."""
+        container = self.compose("ps", "-q", service).split()[0]
+        result = subprocess.run(
+            ["docker", "inspect", "-f", "{{.Image}}", container],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return result.stdout.strip()
 
     def admin_password(self) -> str:
         path = "/var/lib/mlflow-stack/users/initial-admin-password"
