@@ -2,9 +2,11 @@
 
 Contract: ``BenchStack`` drives ``docker compose -p mlflowstack-bench -f compose.yaml
 -f bench/compose.bench.yaml`` with every port published on 127.0.0.1 (free ports picked at
-start). ``down()`` removes containers, network and volumes and may be called at any time, more
-than once. CPU time and memory come from each container's cgroup (v1 or v2), found through the
-container's init PID, so reading them costs no ``docker`` call during a measurement.
+start), with settings from the environment only (the repository's ``.env`` is not read, but for
+the build's CA bundle). ``down()`` removes containers, network and volumes and may be called at
+any time, more than once. CPU time and memory come from each container's cgroup (v1 or v2),
+found through the container's init PID, so reading them costs no ``docker`` call during a
+measurement.
 """
 
 import dataclasses
@@ -61,6 +63,10 @@ class BenchStack:
         self.basicauth_admin_password = secrets.token_urlsafe(18)
         self.env = {
             **os.environ,
+            # Not the developer's .env: what is measured is compose.yaml's defaults plus the
+            # settings in the environment, which the report names (cli.SETTINGS).
+            "COMPOSE_ENV_FILES": os.devnull,
+            "COMPOSE_PROJECT_NAME": PROJECT,
             "BIND_ADDRESS": "127.0.0.1",
             "HTTP_PORT": str(self.ports.edge),
             # Without a port each entry allows any port, so every published port is accepted.
@@ -71,10 +77,14 @@ class BenchStack:
             "BENCH_BASICAUTH_ADMIN_PASSWORD": self.basicauth_admin_password,
             "BENCH_BASICAUTH_SECRET_KEY": secrets.token_hex(16),
         }
-        # As .ci/run does: behind this kind of machine's TLS-inspecting proxy pip must trust
-        # the host bundle; elsewhere the variable may stay unset.
-        if not self.env.get("EXTRA_CA_BUNDLE") and HOST_CA_BUNDLE.is_file():
-            self.env["EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
+        # The build's CA bundle as the README's `docker compose up` finds it (the environment,
+        # else .env); failing both, as .ci/run does: behind this kind of machine's
+        # TLS-inspecting proxy pip must trust the host bundle.
+        ca_bundle = os.environ.get("EXTRA_CA_BUNDLE") or _env_file_ca_bundle()
+        if not ca_bundle and HOST_CA_BUNDLE.is_file():
+            ca_bundle = str(HOST_CA_BUNDLE)
+        if ca_bundle:
+            self.env["EXTRA_CA_BUNDLE"] = ca_bundle
         self._cgroups: dict[str, tuple[int, Path | None, Path | None, int]] = {}
 
     # -- compose -------------------------------------------------------------------------
@@ -104,15 +114,18 @@ class BenchStack:
         return result.stdout
 
     def build(self) -> None:
-        # The basic-auth image starts FROM the server image, so that one must exist first.
+        # The basic-auth image starts FROM this project's server image, so that one first.
         self.compose("build")
-        self.compose("--profile", "bench", "build", BASELINE)
+        server_image = f"SERVER_IMAGE={PROJECT}-server"
+        self.compose("--profile", "bench", "build", "--build-arg", server_image, BASELINE)
 
     def up(self, *services: str, profile: str | None = None) -> float:
-        """``up -d --wait`` (images already built); return the seconds until healthy."""
+        """``up -d --wait`` of the images built before (``--no-build``: compose.yaml's
+        ``pull_policy: build`` would rebuild them inside the timing); the seconds until
+        healthy."""
         options = ["--profile", profile] if profile else []
         start = time.monotonic()
-        self.compose(*options, "up", "-d", "--wait", *services)
+        self.compose(*options, "up", "-d", "--wait", "--no-build", *services)
         self._cgroups.clear()
         return time.monotonic() - start
 
@@ -239,6 +252,21 @@ class BenchStack:
             service = next(s for cid, s in ids.items() if cid.startswith(row["ID"]))
             memory[service] = parse_size(row["MemUsage"].split("/")[0])
         return memory
+
+
+def _env_file_ca_bundle() -> str | None:
+    """EXTRA_CA_BUNDLE from the repository's .env, as compose reads it (a relative path made
+    absolute); None when it is not set there."""
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode:
+        return None
+    path = json.loads(result.stdout).get("secrets", {}).get("extra_ca", {}).get("file")
+    return path if path and path != os.devnull else None
 
 
 def parse_size(text: str) -> int:
