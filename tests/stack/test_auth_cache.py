@@ -164,7 +164,7 @@ def test_nginx_remembered_answers_hold_no_credentials(stack):
             "SYS_PTRACE",
             "--entrypoint",
             "bash",
-            "mlflow-stack/nginx:local",
+            stack.image("nginx"),
             "-c",
             _DUMP_SHARED_ZONES,
         ],
