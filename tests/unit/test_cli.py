@@ -1,24 +1,18 @@
 import contextlib
 import io
+import itertools
 import json
 import os
+import re
 import stat
 import sys
 from pathlib import Path
 
 import pytest
-from mlflowstack import cli, commands, users
+from mlflowstack import cli, commands
 from mlflowstack.users import UserStore
 
-
-@pytest.fixture(autouse=True)
-def fast_hashes(monkeypatch, bcrypt_hash):
-    real = users.hash_password
-    monkeypatch.setattr(
-        users,
-        "hash_password",
-        lambda pw, cost=12: bcrypt_hash(pw) if cost == 12 else real(pw, cost),
-    )
+pytestmark = pytest.mark.usefixtures("fast_hashes")
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +21,15 @@ def no_host_ca_bundle(monkeypatch):
     for name in ("EXTRA_CA_BUNDLE", *commands.CA_BUNDLE_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", ())
+
+
+@pytest.fixture
+def counted_passwords(monkeypatch):
+    """generate_password() gives generated-1, generated-2, ... in each test: distinct within a
+    test, as random ones are, yet hashed once per session (tests/conftest.py). Its own contract
+    has a test of its own."""
+    counter = itertools.count(1)
+    monkeypatch.setattr(commands, "generate_password", lambda: f"generated-{next(counter)}")
 
 
 @pytest.fixture
@@ -55,13 +58,17 @@ def run(users_dir, *argv, stdin=""):
     return status, out.getvalue(), err.getvalue()
 
 
-def test_user_add_password_stdin_strips_only_newline(users_dir):
+def test_user_add_password_stdin_strips_only_newline(users_dir, bcrypt_verify):
     status, _, _ = run(users_dir, "user", "add", "alice", "--password-stdin", stdin=" pw \n")
     assert status == 0
     user = UserStore(users_dir).load_users().users["alice"]
-    from passlib.hash import bcrypt
+    assert user.role == "editor" and bcrypt_verify(" pw ", user.password_hash)
 
-    assert user.role == "editor" and bcrypt.verify(" pw ", user.password_hash)
+
+def test_generate_password_24_url_safe_characters_new_each_time():
+    passwords = {commands.generate_password() for _ in range(100)}
+    assert len(passwords) == 100
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", password) for password in passwords)
 
 
 def test_user_add_generate_prints_password_once(users_dir):
@@ -122,7 +129,7 @@ def test_user_disable_enable_role_round_trip(users_dir):
     assert user.can_log_in and user.role == "admin"
 
 
-def test_bootstrap_no_users_creates_admin_and_0600_password_file(users_dir):
+def test_bootstrap_no_users_creates_admin_and_0600_password_file(users_dir, counted_passwords):
     status, out, err = run(users_dir, "bootstrap")
     password_file = users_dir / "initial-admin-password"
     password = password_file.read_text().strip()
@@ -131,7 +138,7 @@ def test_bootstrap_no_users_creates_admin_and_0600_password_file(users_dir):
     assert UserStore(users_dir).load_users().users["admin"].role == "admin"
 
 
-def test_bootstrap_twice_changes_nothing(users_dir):
+def test_bootstrap_twice_changes_nothing(users_dir, counted_passwords):
     run(users_dir, "bootstrap")
     before = (
         (users_dir / "htpasswd").read_bytes(),
@@ -145,7 +152,7 @@ def test_bootstrap_twice_changes_nothing(users_dir):
     assert before == after
 
 
-def test_user_passwd_admin_removes_initial_password_file_and_says_so(users_dir):
+def test_user_passwd_admin_removes_initial_password_file_and_says_so(users_dir, counted_passwords):
     run(users_dir, "bootstrap")
     status, _, err = run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
     assert status == 0 and not (users_dir / "initial-admin-password").exists()
@@ -161,7 +168,7 @@ def test_user_passwd_admin_without_initial_password_file_claims_no_removal(users
     assert status == 0 and err == "user admin: password changed\n"
 
 
-def test_user_passwd_other_user_keeps_initial_password_file(users_dir):
+def test_user_passwd_other_user_keeps_initial_password_file(users_dir, counted_passwords):
     run(users_dir, "bootstrap")
     run(users_dir, "user", "add", "alice", "--password-stdin", stdin="pw\n")
     status, _, err = run(users_dir, "user", "passwd", "alice", "--password-stdin", stdin="new\n")
@@ -169,7 +176,7 @@ def test_user_passwd_other_user_keeps_initial_password_file(users_dir):
     assert (users_dir / "initial-admin-password").exists()
 
 
-def test_init_writes_env_once_and_keeps_it_without_force(users_dir, tmp_path):
+def test_init_writes_env_once_and_keeps_it_without_force(users_dir, tmp_path, counted_passwords):
     project = tmp_path / "bundle"
     project.mkdir()
     (project / ".env.example").write_text("HTTP_PORT=80\n")

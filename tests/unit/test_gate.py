@@ -13,15 +13,20 @@ def basic(name: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
 
 
-class RecordingVerify:
-    """Wraps the real bcrypt check and records which hashes it was asked to check."""
+pytestmark = pytest.mark.usefixtures("fast_hashes")
 
-    def __init__(self):
+
+class RecordingVerify:
+    """Wraps the real bcrypt check (made once per password and hash in a session: see
+    conftest.py) and records which hashes it was asked to check."""
+
+    def __init__(self, bcrypt_verify):
         self.calls = []
+        self._bcrypt_verify = bcrypt_verify
 
     def __call__(self, password, password_hash):
         self.calls.append(password_hash)
-        return gate_module._bcrypt_verify(password, password_hash)
+        return self._bcrypt_verify(password, password_hash)
 
 
 @pytest.fixture
@@ -38,8 +43,8 @@ def users_dir(tmp_path, bcrypt_hash):
 
 
 @pytest.fixture
-def verify():
-    return RecordingVerify()
+def verify(bcrypt_verify):
+    return RecordingVerify(bcrypt_verify)
 
 
 def no_sleep(seconds):
@@ -147,12 +152,12 @@ def test_identify_cached_user_gets_new_role_without_new_check(gate, users_dir, v
     assert len(verify.calls) == 1
 
 
-def test_identify_check_straddling_password_change_not_reused(users_dir, bcrypt_hash):
+def test_identify_check_straddling_password_change_not_reused(users_dir, bcrypt_verify):
     """A check that verified the old hash while the file changed must not serve the new one."""
     store = UserStore(users_dir)
 
     def verify_then_change(password, password_hash):
-        ok = gate_module._bcrypt_verify(password, password_hash)
+        ok = bcrypt_verify(password, password_hash)
         if not store.users_path.with_name("changed").exists():
             store.users_path.with_name("changed").touch()
             store.set_password("alice", "new-password")

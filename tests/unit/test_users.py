@@ -45,6 +45,13 @@ def test_validate_password_bad_password_raises(password):
         validate_password(password)
 
 
+def test_hash_password_floor_cost_fresh_hash_verifies(bcrypt_verify):
+    # The other tests share hashes made once (tests/conftest.py); this one is made here.
+    password_hash = hash_password("fresh pw")
+    assert password_hash.startswith("$2y$12$")
+    assert bcrypt_verify("fresh pw", password_hash)
+
+
 def test_hash_password_cost_below_floor_raises():
     with pytest.raises(BundleError, match="below the floor"):
         hash_password("secret", cost=10)
