@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflowstack import cli, commands
+from mlflowstack import cabundle, cli, commands
 from mlflowstack.users import UserStore
 
 pytestmark = pytest.mark.usefixtures("fast_hashes")
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.usefixtures("fast_hashes")
 @pytest.fixture(autouse=True)
 def no_host_ca_bundle(monkeypatch):
     """init looks at this host's CA bundle; tests give it their own candidates instead."""
-    for name in ("EXTRA_CA_BUNDLE", *commands.CA_BUNDLE_VARIABLES):
+    for name in ("EXTRA_CA_BUNDLE", *cabundle.CA_BUNDLE_VARIABLES):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", ())
+    monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", ())
 
 
 @pytest.fixture
@@ -303,7 +303,7 @@ def bundle(path: Path, content: bytes = PEM) -> Path:
 
 def test_init_host_bundle_found_written_in_place_of_example_line(project, tmp_path, monkeypatch):
     found = bundle(tmp_path / "etc" / "ca.crt")
-    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(tmp_path / "absent.crt"), str(found)))
+    monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(tmp_path / "absent.crt"), str(found)))
     status, out, err = init(project)
     assert status == 0 and out == ""
     assert (project / ".env").read_text() == EXAMPLE.replace(
@@ -333,7 +333,7 @@ def test_init_ca_bundle_option_relative_path_written_absolute(project, tmp_path,
 
 
 def test_init_no_ca_bundle_option_leaves_example_line(project, tmp_path, monkeypatch):
-    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
     status, _, err = init(project, "--no-ca-bundle")
     assert status == 0 and (project / ".env").read_text() == EXAMPLE
     assert err.splitlines() == [f"init: wrote {project / '.env'} from .env.example"]
@@ -342,7 +342,7 @@ def test_init_no_ca_bundle_option_leaves_example_line(project, tmp_path, monkeyp
 def test_init_shell_sets_extra_ca_bundle_leaves_env_unset_and_says_so(
     project, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
     monkeypatch.setenv("EXTRA_CA_BUNDLE", "/elsewhere/ca.pem")
     status, _, err = init(project)
     assert status == 0 and (project / ".env").read_text() == EXAMPLE
@@ -350,7 +350,7 @@ def test_init_shell_sets_extra_ca_bundle_leaves_env_unset_and_says_so(
 
 
 def test_init_example_already_sets_bundle_keeps_it(project, tmp_path, monkeypatch):
-    monkeypatch.setattr(commands, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
     (project / ".env.example").write_text("EXTRA_CA_BUNDLE=/corp/ca.pem\n")
     status, _, err = init(project)
     assert status == 0 and (project / ".env").read_text() == "EXTRA_CA_BUNDLE=/corp/ca.pem\n"
@@ -420,11 +420,11 @@ def test_find_ca_bundle_variables_in_order_before_paths(tmp_path):
         "PIP_CERT": str(bundle(tmp_path / "pip.pem")),
         "REQUESTS_CA_BUNDLE": str(bundle(tmp_path / "requests.pem")),
     }
-    assert commands.find_ca_bundle(environ, paths) == (
+    assert cabundle.find_ca_bundle(environ, paths) == (
         tmp_path / "requests.pem",
         "REQUESTS_CA_BUNDLE",
     )
-    assert commands.find_ca_bundle({}, paths) == (tmp_path / "system.crt", "")
+    assert cabundle.find_ca_bundle({}, paths) == (tmp_path / "system.crt", "")
 
 
 def test_find_ca_bundle_missing_empty_and_non_pem_passed_over(tmp_path):
@@ -434,17 +434,17 @@ def test_find_ca_bundle_missing_empty_and_non_pem_passed_over(tmp_path):
         "PIP_CERT": str(bundle(tmp_path / "text.pem", b"not a certificate\n")),
     }
     paths = [str(tmp_path), str(bundle(tmp_path / "ok.crt"))]
-    assert commands.find_ca_bundle(environ, paths) == (tmp_path / "ok.crt", "")
+    assert cabundle.find_ca_bundle(environ, paths) == (tmp_path / "ok.crt", "")
 
 
 def test_find_ca_bundle_nothing_usable_returns_none(tmp_path):
-    assert commands.find_ca_bundle({"SSL_CERT_FILE": ""}, [str(tmp_path / "absent")]) is None
+    assert cabundle.find_ca_bundle({"SSL_CERT_FILE": ""}, [str(tmp_path / "absent")]) is None
 
 
 def test_find_ca_bundle_relative_variable_returned_absolute(tmp_path, monkeypatch):
     bundle(tmp_path / "ca.pem")
     monkeypatch.chdir(tmp_path)
-    assert commands.find_ca_bundle({"SSL_CERT_FILE": "ca.pem"}, []) == (
+    assert cabundle.find_ca_bundle({"SSL_CERT_FILE": "ca.pem"}, []) == (
         tmp_path / "ca.pem",
         "SSL_CERT_FILE",
     )
@@ -458,11 +458,11 @@ def test_ca_bundle_problem_unreadable_file_reported(tmp_path, monkeypatch):
 
     # (Tests may run as root, whom file modes do not stop.)
     monkeypatch.setattr(Path, "open", refuse)
-    assert commands.ca_bundle_problem(path) == "cannot be read (Permission denied)"
+    assert cabundle.ca_bundle_problem(path) == "cannot be read (Permission denied)"
 
 
 def test_ca_bundle_problem_bundle_with_leading_comments_accepted(tmp_path):
-    assert commands.ca_bundle_problem(bundle(tmp_path / "ca.crt", b"# ACCVRAIZ1\n" + PEM)) is None
+    assert cabundle.ca_bundle_problem(bundle(tmp_path / "ca.crt", b"# ACCVRAIZ1\n" + PEM)) is None
 
 
 @pytest.mark.parametrize(
@@ -475,4 +475,4 @@ def test_ca_bundle_problem_bundle_with_leading_comments_accepted(tmp_path):
     ],
 )
 def test_env_with_setting_replaces_line_or_appends(content, expected):
-    assert commands.env_with_setting(content, "X", "/new") == expected
+    assert cabundle.env_with_setting(content, "X", "/new") == expected

@@ -18,8 +18,9 @@ def store(tmp_path, bcrypt_hash):
 
 
 @pytest.fixture
-def app(store):
-    return make_app(Gate(store, bcrypt_slots=1, sleep=no_sleep), SECRET)
+def app(store, bcrypt_verify):
+    gate = Gate(store, bcrypt_slots=1, verify=bcrypt_verify, sleep=no_sleep)
+    return make_app(gate, SECRET)
 
 
 def test_app_allowed_answer_names_user_role_and_password_kind(app):
