@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from mlflowstack.cabundle import compose_build_ca_bundle
+
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "mlflowstack-bench"
 COMPOSE_FILES = (ROOT / "compose.yaml", ROOT / "bench" / "compose.bench.yaml")
@@ -80,7 +82,9 @@ class BenchStack:
         # The build's CA bundle as the README's `docker compose up` finds it (the environment,
         # else .env); failing both, as .ci/run does: behind this kind of machine's
         # TLS-inspecting proxy pip must trust the host bundle.
-        ca_bundle = os.environ.get("EXTRA_CA_BUNDLE") or _env_file_ca_bundle()
+        ca_bundle = os.environ.get("EXTRA_CA_BUNDLE") or compose_build_ca_bundle(
+            ROOT / "compose.yaml"
+        )
         if not ca_bundle and HOST_CA_BUNDLE.is_file():
             ca_bundle = str(HOST_CA_BUNDLE)
         if ca_bundle:
@@ -252,21 +256,6 @@ class BenchStack:
             service = next(s for cid, s in ids.items() if cid.startswith(row["ID"]))
             memory[service] = parse_size(row["MemUsage"].split("/")[0])
         return memory
-
-
-def _env_file_ca_bundle() -> str | None:
-    """EXTRA_CA_BUNDLE from the repository's .env, as compose reads it (a relative path made
-    absolute); None when it is not set there."""
-    result = subprocess.run(
-        ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode:
-        return None
-    path = json.loads(result.stdout).get("secrets", {}).get("extra_ca", {}).get("file")
-    return path if path and path != os.devnull else None
 
 
 def parse_size(text: str) -> int:

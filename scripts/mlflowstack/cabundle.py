@@ -10,9 +10,11 @@ reads it back unchanged (:func:`env_value_problem`); anything unusable is a Bund
 the one line to show.
 """
 
+import json
 import os
 import re
 import stat
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -152,3 +154,21 @@ def env_with_setting(content: bytes, name: str, value: str) -> bytes:
     if content and not content.endswith(b"\n"):
         content += b"\n"
     return content + line + b"\n"
+
+
+def compose_build_ca_bundle(compose_file: Path) -> str | None:
+    """EXTRA_CA_BUNDLE as ``docker compose up`` next to ``compose_file`` resolves it (the
+    environment, else that directory's .env; a relative path made absolute), or None when none
+    is set. For tools that run compose with their own settings (the stack tests, the
+    benchmark) but must build the way the README's ``up`` does.
+    """
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(compose_file), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode:
+        return None
+    path = json.loads(result.stdout).get("secrets", {}).get("extra_ca", {}).get("file")
+    return path if path and path != os.devnull else None

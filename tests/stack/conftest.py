@@ -8,7 +8,6 @@ developer's own settings) is not read, except for the build's CA bundle (see doc
 """
 
 import datetime
-import json
 import os
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from mlflowstack.cabundle import compose_build_ca_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = os.environ.get("STACK_TEST_PROJECT") or "mlflowstack-test"
@@ -58,7 +58,7 @@ def docker_setup():
     (e.g. BASE_IMAGE) still apply, as an explicit choice of whoever runs the tests."""
     if PROJECT == _DEFAULT_PROJECT:
         raise pytest.UsageError(f"STACK_TEST_PROJECT={PROJECT}: the tests end with down -v")
-    ca_bundle = _build_ca_bundle()
+    ca_bundle = compose_build_ca_bundle(ROOT / "compose.yaml")
     os.environ.update(
         COMPOSE_ENV_FILES=os.devnull,
         COMPOSE_PROJECT_NAME=PROJECT,
@@ -69,21 +69,6 @@ def docker_setup():
     if ca_bundle:
         os.environ["EXTRA_CA_BUNDLE"] = ca_bundle
     return ["up --build -d --wait"]
-
-
-def _build_ca_bundle() -> str | None:
-    """EXTRA_CA_BUNDLE as ``docker compose up`` in the repository resolves it (the environment,
-    else the repository's .env; a relative path made absolute), or None when none is set."""
-    result = subprocess.run(
-        ["docker", "compose", "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode:
-        return None
-    path = json.loads(result.stdout).get("secrets", {}).get("extra_ca", {}).get("file")
-    return path if path and path != os.devnull else None
 
 
 @pytest.fixture(scope="session")
