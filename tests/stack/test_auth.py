@@ -40,7 +40,11 @@ def test_protected_path_without_valid_user_401_with_challenge(stack, method, pat
     )
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Basic realm=")
-    assert b"experiment" not in response.content and b"mlflow" not in response.content.lower()
+    # Only nginx's fixed refusal, nothing of MLflow's: no data, no MLflow error.
+    assert response.content.startswith((b"Authentication required", b'{"error_code":"UNAUTH'))
+    assert (
+        b"experiment" not in response.content and b"RESOURCE_DOES_NOT_EXIST" not in response.content
+    )
 
 
 def test_healthz_without_user_200(stack):
