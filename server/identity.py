@@ -21,7 +21,10 @@ Contract:
     3.17 keeps no creator for registered models);
   - an ``mlflow.user`` tag written later (``set-tag``, ``log-batch``) on a run or registered
     model that has none gets the verified name; one that exists is never changed, so the
-    creator stays the creator (the write still succeeds; other tags in it are kept).
+    creator stays the creator (the write still succeeds; other tags in it are kept), and
+    deleting it is refused with PERMISSION_DENIED (deleting the run or model itself is not).
+- Not vouched for (MLflow stores them as the client sends them): datasets' ``created_by``,
+  assessments' ``source_id``, logged models' tags, traces' user metadata.
 - ``GET /(ajax-)api/2.0/mlflow/users/current`` (MLflow's current-user call, which the UI makes
   on every page and which only MLflow's basic-auth app serves) answers the identity, so the
   UI shows the account; the account page's own roles and permissions calls answer the stack
@@ -182,10 +185,15 @@ def _on_construct(target, args, kwargs) -> None:
 
 
 def _on_flush(session, flush_context, instances) -> None:
-    """SQLAlchemy ``before_flush``: add a missing creator tag; keep an existing one."""
+    """SQLAlchemy ``before_flush``, the last word before rows are written: a new creator tag
+    names the identity (whatever was assigned after construction, e.g. a second tag of the
+    same key in one ``log-batch``), a missing one is added, an existing one keeps its value,
+    and deleting one is refused (unless its run or model goes with it)."""
     identity = _current.get()
     if identity is None:
         return
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
     from mlflow.store.model_registry.dbmodels.models import (
         SqlRegisteredModel,
         SqlRegisteredModelTag,
@@ -193,8 +201,11 @@ def _on_flush(session, flush_context, instances) -> None:
     from mlflow.store.tracking.dbmodels.models import SqlRun, SqlTag
     from sqlalchemy import inspect
 
+    creator_tags = (SqlTag, SqlRegisteredModelTag)
     for row in list(session.new):
-        if isinstance(row, SqlRun) and not any(tag.key == USER_TAG for tag in row.tags):
+        if isinstance(row, creator_tags) and row.key == USER_TAG:
+            row.value = identity.name
+        elif isinstance(row, SqlRun) and not any(tag.key == USER_TAG for tag in row.tags):
             row.tags.append(SqlTag(key=USER_TAG, value=identity.name))
         elif isinstance(row, SqlRegisteredModel) and not any(
             tag.key == USER_TAG for tag in row.registered_model_tags
@@ -203,10 +214,19 @@ def _on_flush(session, flush_context, instances) -> None:
             row.registered_model_tags.append(tag)
             session.add(tag)
     for row in session.dirty:
-        if isinstance(row, SqlTag | SqlRegisteredModelTag) and row.key == USER_TAG:
+        if isinstance(row, creator_tags) and row.key == USER_TAG:
             history = inspect(row).attrs.value.history
             if history.deleted:
                 row.value = history.deleted[0]
+    deleted = set(session.deleted)
+    for row in deleted:
+        if isinstance(row, creator_tags) and row.key == USER_TAG:
+            parent = row.run if isinstance(row, SqlTag) else row.registered_model
+            if parent not in deleted:
+                raise MlflowException(
+                    f"The {USER_TAG} tag records who created this; it cannot be deleted.",
+                    error_code=PERMISSION_DENIED,
+                )
 
 
 def install() -> None:

@@ -119,3 +119,20 @@ def test_ui_page_calls_answer_viewer(stack, people):
         response = requests.get(stack.url + path, auth=people["vera"])
         assert response.status_code == 200, (path, response.status_code, response.text)
         assert '"api_key"' not in response.text  # ("has_api_key" is a flag)
+
+
+def test_creator_tag_cannot_be_deleted_or_claimed_twice_in_a_batch(stack, people, monkeypatch):
+    use(monkeypatch, stack, *people["alice"])
+    with mlflow.start_run() as run:
+        pass
+    use(monkeypatch, stack, *people["bob"])
+    client = MlflowClient()
+    with pytest.raises(mlflow.exceptions.MlflowException) as refused:
+        client.delete_tag(run.info.run_id, "mlflow.user")
+    assert refused.value.error_code == "PERMISSION_DENIED"
+    claims = [
+        mlflow.entities.RunTag("mlflow.user", "x"),
+        mlflow.entities.RunTag("mlflow.user", "admin"),
+    ]
+    client.log_batch(run.info.run_id, tags=claims)
+    assert client.get_run(run.info.run_id).data.tags["mlflow.user"] == "id-alice"

@@ -7,6 +7,7 @@ import identity
 import pytest
 from mlflow.entities import RunTag
 from mlflow.entities.model_registry import RegisteredModelTag
+from mlflow.exceptions import MlflowException
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
 
@@ -100,3 +101,27 @@ def test_model_version_and_registered_model_record_creator(stores, as_user):
 def test_from_headers_decodes_name_and_distrusts_unknown_labels():
     who = identity.from_headers(b"j%C3%B6rg", b"superuser", b"cookie")
     assert who == identity.Identity("jörg", "unknown", "password")
+
+
+def test_log_batch_second_creator_tag_after_delete_still_verified_user(stores, as_user):
+    tracking, _ = stores
+    run_id = tracking.create_run("0", "job", 0, [], "r6").info.run_id  # no creator tag yet
+    as_user(BOB)
+    claims = [RunTag(identity.USER_TAG, "x"), RunTag(identity.USER_TAG, "admin")]
+    tracking.log_batch(run_id, [], [], claims)
+    assert user_tag(tracking.get_run(run_id)) == "bob"
+
+
+def test_delete_creator_tag_refused(stores, as_user):
+    tracking, registry = stores
+    as_user(ALICE)
+    run_id = tracking.create_run("0", "", 0, [], "r7").info.run_id
+    registry.create_registered_model("kept-creator")
+    as_user(BOB)
+    with pytest.raises(MlflowException, match="cannot be deleted") as refused:
+        tracking.delete_tag(run_id, identity.USER_TAG)
+    assert refused.value.error_code == "PERMISSION_DENIED"
+    with pytest.raises(MlflowException, match="cannot be deleted"):
+        registry.delete_registered_model_tag("kept-creator", identity.USER_TAG)
+    assert user_tag(tracking.get_run(run_id)) == "alice"
+    registry.delete_registered_model("kept-creator")  # the model itself may go
