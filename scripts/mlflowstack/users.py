@@ -31,12 +31,16 @@ MIN_BCRYPT_COST = 12
 MAX_NAME_BYTES = 64
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores what follows; refuse instead of truncating.
 TOKEN_PREFIX = "mlst_"
+TOKEN_BYTES = 32  # 256 random bits: 43 URL-safe base64 characters after the prefix
+# A random secret has fewer distinct characters than this once in ~2e13 (43 draws of 64).
+MIN_TOKEN_DISTINCT_CHARACTERS = 16
 
 USERS_FILE = "htpasswd"
 TOKENS_FILE = "tokens"
 INITIAL_PASSWORD_FILE = "initial-admin-password"
 
 _BCRYPT = re.compile(r"^\$2[by]\$(?P<cost>\d\d)\$[./A-Za-z0-9]{53}$")
+_TOKEN_SECRET = re.compile(rf"^{TOKEN_PREFIX}[A-Za-z0-9_-]{{42}}[AEIMQUYcgkosw048]$")
 _HEADER = (
     "# MLflow stack users: htpasswd with bcrypt. Change it with scripts/stackctl.\n"
     "# '#role NAME ROLE' lines hold roles; a '!' before a hash disables that user.\n"
@@ -137,6 +141,41 @@ def hash_password(password: str, cost: int = MIN_BCRYPT_COST) -> str:
     from passlib.hash import bcrypt
 
     return bcrypt.using(rounds=cost, ident="2y").hash(password)
+
+
+def verify_password(password: str, password_hash: str) -> bool:
+    """Whether ``password`` logs in with ``password_hash``: the gate's bcrypt check, and False
+    for any hash that cannot log in (not bcrypt, or below the cost floor)."""
+    if _line_problem(password_hash):
+        return False
+    from passlib.hash import bcrypt
+
+    return bcrypt.verify(password, password_hash)
+
+
+def new_token_secret() -> str:
+    """A fresh token secret: ``mlst_`` and 43 URL-safe base64 characters (32 random bytes)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def validate_token_secret(secret: str) -> None:
+    """Raise BundleError unless ``secret`` has the shape ``new_token_secret`` gives: the
+    prefix, then 32 bytes in unpadded URL-safe base64 (so the last character carries 4 bits),
+    with at least 16 distinct characters (a placeholder or pattern typed by hand has fewer; a
+    random secret once in ~2e13). The error never quotes the secret."""
+    if not secret:
+        raise BundleError("token secret is empty")
+    if not _TOKEN_SECRET.match(secret):
+        raise BundleError(
+            f"token secret is not in stackctl's format ('{TOKEN_PREFIX}' and 43 URL-safe base64 "
+            "characters, 32 random bytes): make one with 'scripts/stackctl token secret'"
+        )
+    if len(set(secret.removeprefix(TOKEN_PREFIX))) < MIN_TOKEN_DISTINCT_CHARACTERS:
+        raise BundleError(
+            "token secret is too regular to be random (fewer than "
+            f"{MIN_TOKEN_DISTINCT_CHARACTERS} distinct characters): make one with "
+            "'scripts/stackctl token secret'"
+        )
 
 
 def _line_problem(password_hash: str) -> str | None:
@@ -261,6 +300,26 @@ class UserStore:
             copy_atomic(self.users_path, self.directory / f"{USERS_FILE}.bak")
         write_atomic(self.users_path, render_users(users).encode("utf-8"), SECRET_MODE)
 
+    def converge_users(self, change):
+        """Apply ``change(users)`` under the lock and save only if it returns a true value
+        (returned), so a file that already holds what is asked keeps its bytes, inode and
+        mtime."""
+        with exclusive_lock(self.directory):
+            users = self.load_users()
+            result = change(users)
+            if result:
+                self._save_users(users)
+            return result
+
+    def converge_tokens(self, change):
+        """``converge_users`` for the tokens file: ``change(tokens_by_digest)``."""
+        with exclusive_lock(self.directory):
+            tokens = self.load_tokens()
+            result = change(tokens)
+            if result:
+                write_atomic(self.tokens_path, render_tokens(tokens).encode(), SECRET_MODE)
+            return result
+
     def _change_user(self, name: str, change) -> User | None:
         """Apply ``change(users, current_user_or_None)`` under the lock and save the result."""
         validate_name(name)
@@ -319,7 +378,7 @@ class UserStore:
         validate_role(role)
         if days is not None and days <= 0:
             raise BundleError("--expires takes a positive number of days")
-        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        secret = new_token_secret()
         expires = int(time.time()) + days * 86400 if days else None
         with exclusive_lock(self.directory):
             tokens = self.load_tokens()
