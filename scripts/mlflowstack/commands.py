@@ -41,13 +41,19 @@ def _project_dir(args) -> Path:
     return Path(args.project_dir) if args.project_dir else REPO_ROOT
 
 
-def _compose(args, *compose_args: str, stdin_text: str | None = None) -> int:
+def _compose(
+    args, *compose_args: str, stdin_text: str | None = None, json_stdout: bool = False
+) -> int:
+    """Run ``docker compose``; with ``json_stdout`` only the JSON lines of its stdout stay on
+    stdout and any other line goes to stderr, so a ``--json`` answer stays parseable whatever
+    compose or a build prints."""
     command = ["docker", "compose", "--project-directory", str(_project_dir(args)), *compose_args]
     try:
         completed = subprocess.run(
             command,
             input=stdin_text,
             stdin=None if stdin_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if json_stdout else None,
             text=True,
             check=False,
         )
@@ -56,12 +62,25 @@ def _compose(args, *compose_args: str, stdin_text: str | None = None) -> int:
             "docker is not installed here (config commands need it; user and token commands "
             "do too, unless --users-dir names the users directory)"
         ) from None
+    if json_stdout:
+        for line in completed.stdout.splitlines(keepends=True):
+            (sys.stdout if line.startswith("{") else sys.stderr).write(line)
     return completed.returncode
 
 
-def _in_auth_image(args, argv: list[str], stdin_text: str | None = None) -> int:
+def _in_auth_image(
+    args, argv: list[str], stdin_text: str | None = None, json_stdout: bool = False
+) -> int:
     return _compose(
-        args, "run", "--rm", "-T", "--no-deps", "stackctl", *argv, stdin_text=stdin_text
+        args,
+        "run",
+        "--rm",
+        "-T",
+        "--no-deps",
+        "stackctl",
+        *argv,
+        stdin_text=stdin_text,
+        json_stdout=json_stdout,
     )
 
 

@@ -210,8 +210,9 @@ def test_user_add_without_users_dir_delegates_password_on_stdin(monkeypatch):
     monkeypatch.delenv("USERS_DIR", raising=False)
     seen = {}
 
-    def fake_compose(args, *compose_args, stdin_text=None):
+    def fake_compose(args, *compose_args, stdin_text=None, json_stdout=False):
         seen["args"], seen["stdin"] = compose_args, stdin_text
+        assert not json_stdout
         return 0
 
     monkeypatch.setattr(commands, "_compose", fake_compose)
