@@ -1,4 +1,5 @@
-"""stackctl's command line: the parser and the dispatch, no logic (that is in commands.py).
+"""stackctl's command line: the parser and the dispatch, no logic (that is in commands.py and,
+for the converging ``ensure`` commands, ensure.py).
 
 Contract: every failure is one line ``stackctl: ...`` on stderr and exit status 1 (2 for usage
 errors, from argparse); nothing is written when a command fails.
@@ -7,7 +8,7 @@ errors, from argparse); nothing is written when a command fails.
 import argparse
 import sys
 
-from mlflowstack import commands
+from mlflowstack import commands, ensure
 from mlflowstack.files import BundleError
 from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
 
@@ -64,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
         parser_ = user.add_parser(action, help=text)
         parser_.add_argument("name")
         parser_.set_defaults(run=run)
+    user_ensure = user.add_parser(
+        "ensure", help="make a user as asked, changing only what differs (for provisioning)"
+    )
+    user_ensure.add_argument("name")
+    user_ensure.add_argument(
+        "--role", default=DEFAULT_ROLE, help=f"{'|'.join(ROLES)} ({DEFAULT_ROLE})"
+    )
+    user_ensure.add_argument(
+        "--state", choices=("present", "disabled", "absent"), default="present"
+    )
+    user_ensure.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password, one line, from stdin (needed unless the state is absent)",
+    )
+    user_ensure.add_argument("--json", action="store_true", help="report as one JSON object")
+    user_ensure.set_defaults(run=ensure.user_ensure)
     listing = user.add_parser("list", help="list users (never hashes)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=commands.user_list)
@@ -79,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     token_remove = token.add_parser("remove", help="revoke a token")
     token_remove.add_argument("name")
     token_remove.set_defaults(run=commands.token_remove)
+    token_ensure = token.add_parser(
+        "ensure", help="make a token as asked, changing only what differs (for provisioning)"
+    )
+    token_ensure.add_argument("name")
+    token_ensure.add_argument("--role", default=DEFAULT_ROLE, help=f"{'|'.join(ROLES)}")
+    token_ensure.add_argument("--state", choices=("present", "absent"), default="present")
+    token_ensure.add_argument(
+        "--secret-stdin",
+        action="store_true",
+        help="read the secret ('token secret' makes one), one line, from stdin",
+    )
+    token_ensure.add_argument(
+        "--expires-on",
+        metavar="YYYY-MM-DD",
+        help="stop working at 00:00 UTC of that date (default: never)",
+    )
+    token_ensure.add_argument("--json", action="store_true", help="report as one JSON object")
+    token_ensure.set_defaults(run=ensure.token_ensure)
+    token.add_parser(
+        "secret", help="print a fresh secret for 'token ensure'; nothing is stored"
+    ).set_defaults(run=ensure.token_secret)
     token_list = token.add_parser("list", help="list tokens (never secrets)")
     token_list.add_argument("--json", action="store_true")
     token_list.set_defaults(run=commands.token_list)

@@ -1,0 +1,581 @@
+"""user ensure, token ensure and token secret (scripts/mlflowstack/ensure.py): the converging
+commands the Ansible role calls. Hashes come from the session's cache (tests/conftest.py) and
+each (password, hash) check is made once per session, so this module adds little time."""
+
+import calendar
+import contextlib
+import datetime
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from mlflowstack import cli, commands, ensure, users
+from mlflowstack.users import UserStore, token_digest
+
+pytestmark = pytest.mark.usefixtures("fast_hashes")
+
+# The real one, before the fixture below replaces it.
+_verify_password = users.verify_password
+
+# Passwords whose hashes and checks the gate's tests share (tests/conftest.py).
+PASSWORD, NEW_PASSWORD = "right", "new-password"
+# Two outputs of users.new_token_secret(), fixed so that runs repeat.
+SECRET = "mlst_7XpRU-bXvhH_BFSI-QH_VOUnkH0rBPbMgwhDhZ18TTQ"
+OTHER_SECRET = "mlst_3FDXXJhaYYpVum83Iju_BkBiJc-iEkSCTVjTFjIZH-A"
+
+
+@pytest.fixture
+def users_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "users"
+    directory.mkdir()
+    monkeypatch.delenv("USERS_DIR", raising=False)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def checks(monkeypatch, bcrypt_verify):
+    """Every password check made, in order; each answered by the gate's real check, made once
+    per session (ensure checks only hashes that can log in: see the plaintext-line test)."""
+    made = []
+
+    def check(password, password_hash):
+        made.append((password, password_hash))
+        return bcrypt_verify(password, password_hash)
+
+    monkeypatch.setattr(users, "verify_password", check)
+    return made
+
+
+class UnreadableStdin(io.StringIO):
+    """A stdin that fails the test when anything reads it."""
+
+    def read(self, *args):
+        pytest.fail("stdin was read")
+
+    readline = read
+
+
+def run(users_dir, *argv, stdin=""):
+    """Run stackctl in-process on ``users_dir`` (None: none given); return (status, stdout,
+    stderr). ``stdin`` is its text, or a file object."""
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin) if isinstance(stdin, str) else stdin
+    where = [] if users_dir is None else ["--users-dir", str(users_dir)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = cli.main([*where, *argv])
+            except SystemExit as exit_:
+                status = exit_.code
+    finally:
+        sys.stdin = old_stdin
+    return status, out.getvalue(), err.getvalue()
+
+
+def ensure_user(users_dir, name, *options, password=PASSWORD):
+    """``user ensure NAME --password-stdin --json OPTIONS``; return (status, answer, stderr)."""
+    status, out, err = run(
+        users_dir,
+        "user",
+        "ensure",
+        name,
+        "--password-stdin",
+        "--json",
+        *options,
+        stdin=f"{password}\n",
+    )
+    return status, json.loads(out) if out else None, err
+
+
+def ensure_token(users_dir, name, *options, secret=SECRET):
+    status, out, err = run(
+        users_dir,
+        "token",
+        "ensure",
+        name,
+        "--secret-stdin",
+        "--json",
+        *options,
+        stdin=secret + "\n",
+    )
+    return status, json.loads(out) if out else None, err
+
+
+def user(users_dir, name):
+    return UserStore(users_dir).load_users().users.get(name)
+
+
+def file_identity(path):
+    """Bytes, inode and mtime: all three stay when a file is not written again."""
+    info = path.stat()
+    return path.read_bytes(), info.st_ino, info.st_mtime_ns
+
+
+def age(path):
+    """Date the file back, so a rewrite shows in its mtime whatever the clock's resolution."""
+    os.utime(path, ns=(1_000_000_000 * 10**9, 1_000_000_000 * 10**9))
+
+
+# user ensure
+
+
+def test_user_ensure_missing_user_created_with_default_role_json_only_on_stdout(
+    users_dir, bcrypt_verify
+):
+    status, out, err = run(
+        users_dir, "user", "ensure", "alice", "--password-stdin", "--json", stdin=PASSWORD + "\n"
+    )
+    assert status == 0 and err == "" and out.count("\n") == 1
+    assert json.loads(out) == {
+        "name": "alice",
+        "kind": "user",
+        "state": "present",
+        "changed": True,
+        "changes": ["created"],
+    }
+    alice = user(users_dir, "alice")
+    assert alice.role == "editor" and alice.can_log_in
+    assert bcrypt_verify(PASSWORD, alice.password_hash)
+
+
+def test_user_ensure_state_already_held_unchanged_file_untouched_one_check(users_dir, checks):
+    ensure_user(users_dir, "alice", "--role", "viewer")
+    path = users_dir / "htpasswd"
+    age(path)
+    before = file_identity(path)
+    checks.clear()
+    status, answer, err = ensure_user(users_dir, "alice", "--role", "viewer")
+    assert status == 0 and err == "" and answer["changed"] is False and answer["changes"] == []
+    assert file_identity(path) == before and not (users_dir / "htpasswd.bak").exists()
+    assert len(checks) == 1
+
+
+def test_user_ensure_wrong_then_right_password_rehashed_once(users_dir, bcrypt_verify):
+    ensure_user(users_dir, "alice")
+    status, answer, _ = ensure_user(users_dir, "alice", password=NEW_PASSWORD)
+    assert status == 0 and answer["changes"] == ["password"]
+    assert bcrypt_verify(NEW_PASSWORD, user(users_dir, "alice").password_hash)
+    path = users_dir / "htpasswd"
+    age(path)
+    before = file_identity(path)
+    assert ensure_user(users_dir, "alice", password=NEW_PASSWORD)[1]["changed"] is False
+    assert file_identity(path) == before
+
+
+def test_user_ensure_role_differs_only_role_changed_hash_kept(users_dir):
+    ensure_user(users_dir, "alice")
+    old_hash = user(users_dir, "alice").password_hash
+    status, answer, _ = ensure_user(users_dir, "alice", "--role", "admin")
+    assert status == 0 and answer["changes"] == ["role"]
+    assert user(users_dir, "alice").role == "admin"
+    assert user(users_dir, "alice").password_hash == old_hash
+
+
+def test_user_ensure_password_and_role_differ_both_named_in_human_line(users_dir):
+    ensure_user(users_dir, "alice")
+    status, out, err = run(
+        users_dir,
+        "user",
+        "ensure",
+        "alice",
+        "--role",
+        "viewer",
+        "--password-stdin",
+        stdin=NEW_PASSWORD + "\n",
+    )
+    assert (status, out, err) == (0, "", "user alice: changed (password, role)\n")
+
+
+def test_user_ensure_disabled_user_present_enabled_with_same_hash(users_dir):
+    ensure_user(users_dir, "alice")
+    old_hash = user(users_dir, "alice").password_hash
+    run(users_dir, "user", "disable", "alice")
+    status, answer, _ = ensure_user(users_dir, "alice")
+    assert status == 0 and answer["changes"] == ["enabled"]
+    assert user(users_dir, "alice").can_log_in
+    assert user(users_dir, "alice").password_hash == old_hash
+
+
+def test_user_ensure_state_disabled_without_password_disables_keeps_hash_no_check(
+    users_dir, checks
+):
+    ensure_user(users_dir, "alice")
+    old_hash = user(users_dir, "alice").password_hash
+    checks.clear()
+    status, out, err = run(users_dir, "user", "ensure", "alice", "--state", "disabled")
+    assert (status, out, err) == (0, "", "user alice: changed (disabled)\n")
+    alice = user(users_dir, "alice")
+    assert not alice.enabled and alice.password_hash == old_hash and checks == []
+    path = users_dir / "htpasswd"
+    age(path)
+    before = file_identity(path)
+    status, _, err = run(users_dir, "user", "ensure", "alice", "--state", "disabled")
+    assert status == 0 and err == "user alice: unchanged\n" and file_identity(path) == before
+
+
+def test_user_ensure_state_disabled_other_password_hash_updated_stays_disabled(
+    users_dir, bcrypt_verify
+):
+    ensure_user(users_dir, "alice", "--state", "disabled")
+    status, answer, _ = ensure_user(
+        users_dir, "alice", "--state", "disabled", password=NEW_PASSWORD
+    )
+    assert status == 0 and answer == {
+        "name": "alice",
+        "kind": "user",
+        "state": "disabled",
+        "changed": True,
+        "changes": ["password"],
+    }
+    alice = user(users_dir, "alice")
+    assert not alice.enabled and bcrypt_verify(NEW_PASSWORD, alice.password_hash)
+
+
+def test_user_ensure_state_disabled_missing_user_with_password_created_disabled(users_dir):
+    status, out, err = run(
+        users_dir,
+        "user",
+        "ensure",
+        "bob",
+        "--state",
+        "disabled",
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )
+    assert status == 0 and err == "user bob: created (role editor, disabled)\n"
+    assert user(users_dir, "bob").enabled is False
+
+
+@pytest.mark.parametrize(
+    "line,scheme",
+    [("mallory:pw", "plaintext"), ("mallory:$apr1$abcdefgh$0123456789abcdefghijkl", "md5")],
+)
+def test_user_ensure_hand_added_unloginable_line_gets_bcrypt_hash_without_check(
+    users_dir, bcrypt_verify, checks, line, scheme
+):
+    (users_dir / "htpasswd").write_text(line + "\n")
+    assert user(users_dir, "mallory").scheme == scheme
+    status, answer, _ = ensure_user(users_dir, "mallory")
+    assert status == 0 and answer["changes"] == ["password"] and checks == []
+    mallory = user(users_dir, "mallory")
+    assert mallory.can_log_in and mallory.role == "editor"
+    assert bcrypt_verify(PASSWORD, mallory.password_hash)
+    assert ":pw\n" not in (users_dir / "htpasswd").read_text()
+
+
+def test_user_ensure_absent_removes_without_reading_stdin_then_unchanged(users_dir):
+    ensure_user(users_dir, "alice")
+    ensure_user(users_dir, "bob")
+    argv = ["user", "ensure", "alice", "--state", "absent", "--password-stdin"]
+    status, out, err = run(users_dir, *argv, stdin=UnreadableStdin())
+    assert (status, out, err) == (0, "", "user alice: removed\n")
+    assert user(users_dir, "alice") is None and user(users_dir, "bob") is not None
+    path = users_dir / "htpasswd"
+    age(path)
+    before = file_identity(path)
+    status, out, _ = run(users_dir, *argv, "--json", stdin=UnreadableStdin())
+    assert status == 0 and json.loads(out) == {
+        "name": "alice",
+        "kind": "user",
+        "state": "absent",
+        "changed": False,
+        "changes": [],
+    }
+    assert file_identity(path) == before
+
+
+def test_user_ensure_absent_no_users_file_unchanged_nothing_created(users_dir):
+    status, _, err = run(users_dir, "user", "ensure", "ghost", "--state", "absent")
+    assert status == 0 and err == "user ghost: unchanged\n"
+    assert not (users_dir / "htpasswd").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,stdin,message",
+    [
+        (["alice"], "pw\n", "needs the password: pass --password-stdin"),
+        (["alice", "--password-stdin", "--role", "root"], "pw\n", "unknown role 'root'"),
+        (["alice", "--password-stdin"], "", "password is empty"),
+        (["alice", "--password-stdin"], "\n", "password is empty"),
+        (["alice", "--password-stdin"], "x" * 73 + "\n", "72 bytes"),
+        (["a:b", "--password-stdin"], "pw\n", "':'"),
+        (["ghost", "--state", "disabled"], "", "no user 'ghost': creating it needs"),
+    ],
+)
+def test_user_ensure_bad_input_one_line_error_status_1_nothing_written(
+    users_dir, argv, stdin, message
+):
+    ensure_user(users_dir, "alice")
+    path = users_dir / "htpasswd"
+    age(path)
+    before = file_identity(path)
+    status, out, err = run(users_dir, "user", "ensure", *argv, stdin=stdin)
+    assert status == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("stackctl: ") and message in err
+    assert file_identity(path) == before
+
+
+def test_user_ensure_unknown_state_usage_error_status_2(users_dir):
+    status, out, err = run(users_dir, "user", "ensure", "alice", "--state", "gone")
+    assert status == 2 and out == "" and "invalid choice: 'gone'" in err
+    assert list(users_dir.iterdir()) == []
+
+
+def test_user_ensure_admin_password_changed_initial_password_file_removed(users_dir):
+    (users_dir / "initial-admin-password").write_text("pw\n")
+    ensure_user(users_dir, "admin", "--role", "admin")
+    (users_dir / "initial-admin-password").write_text("pw\n")
+    status, _, err = ensure_user(users_dir, "admin", "--role", "admin")
+    assert status == 0 and (users_dir / "initial-admin-password").exists()
+    status, out, err = run(
+        users_dir,
+        "user",
+        "ensure",
+        "admin",
+        "--role",
+        "admin",
+        "--password-stdin",
+        stdin=NEW_PASSWORD + "\n",
+    )
+    assert status == 0 and not (users_dir / "initial-admin-password").exists()
+    assert err == (
+        "user admin: changed (password); the initial password file was removed "
+        "(it held the old password)\n"
+    )
+
+
+def test_user_ensure_without_users_dir_delegates_password_on_stdin_json_clean(
+    users_dir, monkeypatch
+):
+    seen = {}
+    answer = {"name": "bob", "kind": "user", "state": "present", "changed": True}
+    answer["changes"] = ["created"]
+
+    def fake_run(command, **kwargs):
+        seen["command"], seen["kwargs"] = command, kwargs
+        # What compose and a build might print on stdout, around the container's answer.
+        output = f"#1 building auth\n{json.dumps(answer)}\n Container x-stackctl Removed\n"
+        return subprocess.CompletedProcess(command, 0, stdout=output)
+
+    monkeypatch.setattr(commands.subprocess, "run", fake_run)
+    status, out, err = run(
+        None, "user", "ensure", "bob", "--password-stdin", "--json", stdin="s3cret\n"
+    )
+    assert status == 0 and json.loads(out) == answer and out.count("\n") == 1
+    assert "building auth" in err and "Removed" in err
+    command, kwargs = seen["command"], seen["kwargs"]
+    assert command[-6:] == ["stackctl", "user", "ensure", "bob", "--password-stdin", "--json"]
+    assert "s3cret" not in " ".join(command) and "env" not in kwargs
+    assert kwargs["input"] == "s3cret\n" and kwargs["stdout"] == subprocess.PIPE
+
+
+def test_user_ensure_absent_without_users_dir_delegates_without_stdin(users_dir, monkeypatch):
+    seen = {}
+
+    def fake_run(command, **kwargs):
+        seen["command"], seen["kwargs"] = command, kwargs
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(commands.subprocess, "run", fake_run)
+    argv = ["user", "ensure", "bob", "--state", "absent"]
+    assert run(None, *argv, stdin=UnreadableStdin())[0] == 0
+    assert seen["command"][-5:] == argv
+    assert seen["kwargs"]["input"] is None and seen["kwargs"]["stdin"] == subprocess.DEVNULL
+    assert seen["kwargs"]["stdout"] is None
+
+
+# token ensure and token secret
+
+
+def test_token_ensure_missing_created_only_digest_stored(users_dir):
+    status, answer, err = ensure_token(users_dir, "ci", "--role", "viewer")
+    assert (
+        status == 0
+        and err == ""
+        and answer
+        == {
+            "name": "ci",
+            "kind": "token",
+            "state": "present",
+            "changed": True,
+            "changes": ["created"],
+        }
+    )
+    text = (users_dir / "tokens").read_text()
+    assert SECRET not in text and token_digest(SECRET) in text
+    (token,) = UserStore(users_dir).load_tokens().values()
+    assert (token.name, token.role, token.expires) == ("ci", "viewer", None)
+
+
+def test_token_ensure_state_already_held_unchanged_file_untouched(users_dir):
+    options = ("--role", "admin", "--expires-on", "2099-12-31")
+    ensure_token(users_dir, "ci", *options)
+    path = users_dir / "tokens"
+    age(path)
+    before = file_identity(path)
+    status, out, err = run(
+        users_dir, "token", "ensure", "ci", "--secret-stdin", *options, stdin=SECRET + "\n"
+    )
+    assert (status, out, err) == (0, "", "token ci: unchanged\n")
+    assert file_identity(path) == before
+
+
+@pytest.mark.parametrize(
+    "options,secret,changes",
+    [
+        (("--role", "admin", "--expires-on", "2098-01-01"), SECRET, ["role"]),
+        (("--expires-on", "2099-01-01"), SECRET, ["expires"]),
+        (("--expires-on", "2098-01-01"), OTHER_SECRET, ["secret"]),
+        (("--role", "viewer", "--expires-on", "2098-01-01"), OTHER_SECRET, ["secret", "role"]),
+    ],
+)
+def test_token_ensure_differences_named_and_applied(users_dir, options, secret, changes):
+    ensure_token(users_dir, "ci", "--expires-on", "2098-01-01")
+    status, answer, _ = ensure_token(users_dir, "ci", *options, secret=secret)
+    assert status == 0 and answer["changes"] == changes
+    (token,) = UserStore(users_dir).load_tokens().values()
+    assert token.digest == token_digest(secret)
+    assert ensure_token(users_dir, "ci", *options, secret=secret)[1]["changed"] is False
+
+
+def test_token_ensure_expires_on_dropped_token_never_expires(users_dir):
+    ensure_token(users_dir, "ci", "--expires-on", "2099-12-31")
+    status, answer, _ = ensure_token(users_dir, "ci")
+    assert status == 0 and answer["changes"] == ["expires"]
+    assert next(iter(UserStore(users_dir).load_tokens().values())).expires is None
+
+
+def test_token_ensure_expires_on_midnight_utc_listed_as_that_date(users_dir):
+    ensure_token(users_dir, "ci", "--expires-on", "2099-12-31")
+    (token,) = UserStore(users_dir).load_tokens().values()
+    assert token.expires == calendar.timegm((2099, 12, 31, 0, 0, 0))
+    status, out, _ = run(users_dir, "token", "list")
+    assert status == 0 and "2099-12-31" in out
+
+
+def test_token_ensure_past_expiry_applied_with_warning(users_dir):
+    status, out, err = run(
+        users_dir,
+        "token",
+        "ensure",
+        "old",
+        "--secret-stdin",
+        "--expires-on",
+        "2001-01-01",
+        stdin=SECRET + "\n",
+    )
+    assert status == 0 and out == ""
+    assert err == (
+        "token old: created (role editor, expires on 2001-01-01); warning: 2001-01-01 has come, "
+        "so the gate refuses this token\n"
+    )
+
+
+def test_token_ensure_absent_removes_without_reading_stdin_then_unchanged(users_dir):
+    ensure_token(users_dir, "ci")
+    ensure_token(users_dir, "other", secret=OTHER_SECRET)
+    argv = ["token", "ensure", "ci", "--state", "absent", "--json"]
+    status, out, _ = run(users_dir, *argv, "--secret-stdin", stdin=UnreadableStdin())
+    assert status == 0 and json.loads(out)["changes"] == ["removed"]
+    assert [t.name for t in UserStore(users_dir).load_tokens().values()] == ["other"]
+    path = users_dir / "tokens"
+    age(path)
+    before = file_identity(path)
+    status, out, _ = run(users_dir, *argv, stdin=UnreadableStdin())
+    assert status == 0 and json.loads(out) == {
+        "name": "ci",
+        "kind": "token",
+        "state": "absent",
+        "changed": False,
+        "changes": [],
+    }
+    assert file_identity(path) == before
+
+
+def test_token_ensure_hand_made_duplicate_names_replaced_by_one(users_dir):
+    store = UserStore(users_dir)
+    lines = [
+        {"name": "ci", "role": "editor", "sha256": token_digest(s), "expires": None}
+        for s in (SECRET, OTHER_SECRET)
+    ]
+    store.tokens_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    status, answer, _ = ensure_token(users_dir, "ci")
+    assert status == 0 and answer["changes"] == ["duplicates"]
+    assert [t.digest for t in store.load_tokens().values()] == [token_digest(SECRET)]
+
+
+@pytest.mark.parametrize(
+    "argv,stdin,message",
+    [
+        (["ci"], SECRET + "\n", "needs the secret: pass --secret-stdin"),
+        (["ci", "--secret-stdin"], "", "token secret is empty"),
+        (["ci", "--secret-stdin"], SECRET[5:] + "\n", "not in stackctl's format"),
+        (["ci", "--secret-stdin"], SECRET[:-1] + "\n", "not in stackctl's format"),
+        (["ci", "--secret-stdin"], SECRET + "A\n", "not in stackctl's format"),
+        (["ci", "--secret-stdin"], SECRET[:-1] + "B\n", "not in stackctl's format"),
+        (["ci", "--secret-stdin"], SECRET[:-2] + "!A\n", "not in stackctl's format"),
+        (["ci", "--secret-stdin"], " " + SECRET + "\n", "not in stackctl's format"),
+        (["ci", "--secret-stdin"], "mlst_" + "ab" * 21 + "A\n", "too regular"),
+        (["ci", "--secret-stdin", "--role", "root"], SECRET + "\n", "unknown role 'root'"),
+        (["ci", "--secret-stdin", "--expires-on", "2099-2-3"], SECRET + "\n", "YYYY-MM-DD"),
+        (["ci", "--secret-stdin", "--expires-on", "2099-02-30"], SECRET + "\n", "YYYY-MM-DD"),
+        (["ci", "--secret-stdin", "--expires-on", "30"], SECRET + "\n", "YYYY-MM-DD"),
+        (["taken", "--secret-stdin"], OTHER_SECRET + "\n", "belongs to token 'other'"),
+    ],
+)
+def test_token_ensure_bad_input_one_line_error_status_1_nothing_written(
+    users_dir, argv, stdin, message
+):
+    ensure_token(users_dir, "other", secret=OTHER_SECRET)
+    path = users_dir / "tokens"
+    age(path)
+    before = file_identity(path)
+    status, out, err = run(users_dir, "token", "ensure", *argv, stdin=stdin)
+    assert status == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("stackctl: ") and message in err
+    assert SECRET[5:] not in err and OTHER_SECRET[5:] not in err
+    assert file_identity(path) == before
+
+
+def test_token_secret_prints_one_valid_fresh_secret_stores_nothing(users_dir):
+    printed = [run(users_dir, "token", "secret") for _ in range(20)]
+    secrets_ = {out.strip() for _, out, _ in printed}
+    assert all(status == 0 and err == "" for status, _, err in printed) and len(secrets_) == 20
+    assert all(re.fullmatch(r"mlst_[A-Za-z0-9_-]{43}", secret) for secret in secrets_)
+    for secret in secrets_:
+        users.validate_token_secret(secret)
+    assert list(users_dir.iterdir()) == []
+
+
+def test_token_add_secret_accepted_by_token_ensure(users_dir):
+    _, out, _ = run(users_dir, "token", "add", "ci")
+    status, answer, _ = ensure_token(users_dir, "ci", secret=out.strip())
+    assert status == 0 and answer["changed"] is False
+
+
+def test_parse_expires_on_start_of_that_day_utc():
+    expected = datetime.datetime(2030, 6, 1, tzinfo=datetime.UTC).timestamp()
+    assert ensure.parse_expires_on("2030-06-01") == expected
+
+
+@pytest.mark.parametrize(
+    "password_hash",
+    [
+        "pw",
+        "$apr1$abcdefgh$0123456789abcdefghijkl",
+        # passlib's bcrypt of "pw" at cost 4, below the floor: refused without being checked.
+        "$2b$04$abcdefghijklmnopqrstuuyvPXIbu7xe6/CED2DzX8z6Si09MlzlW",
+    ],
+)
+def test_verify_password_hash_that_cannot_log_in_false(password_hash):
+    assert _verify_password("pw", password_hash) is False
+
+
+def test_verify_password_right_password_true(bcrypt_hash):
+    # The one real check of this module (~0.4 s); the others go through the session's cache.
+    assert _verify_password(PASSWORD, bcrypt_hash(PASSWORD)) is True
