@@ -48,8 +48,8 @@ function unauthorized(r) {
     // njs cannot hand auth_request the gate's challenge header itself; relayed by hand.
     r.headersOut["WWW-Authenticate"] = r.variables.gate_challenge || 'Basic realm="MLflow"';
     send(r, 401, "UNAUTHENTICATED",
-        "Authentication required: no valid user name and password, nor API token, came with " +
-        "this request. MLflow clients set MLFLOW_TRACKING_USERNAME and " +
+        "Authentication required: the user name and password (or API token) were missing " +
+        "or not accepted. MLflow clients set MLFLOW_TRACKING_USERNAME and " +
         "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN.");
 }
 
