@@ -67,7 +67,9 @@ class _Sampler(threading.Thread):
 
 def _child(env: dict[str, str], *args: str) -> dict:
     command = [venv_python(), "-m", "stackbench.transfer", *args]
-    env = {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # bench/ for stackbench, scripts/ for mlflowstack (stackbench.stack imports it).
+    bench = Path(__file__).resolve().parents[1]
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(bench), str(bench.parent / "scripts")])}
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, env=env, timeout=1800, check=False
