@@ -42,10 +42,10 @@ def users_dir(tmp_path, monkeypatch):
 
 def run(users_dir, *argv, stdin=""):
     """Run stackctl in-process on ``users_dir`` (None: none given); return (status, stdout,
-    stderr)."""
+    stderr). ``stdin`` is its text, or a file object."""
     out, err = io.StringIO(), io.StringIO()
     old_stdin = sys.stdin
-    sys.stdin = io.StringIO(stdin)
+    sys.stdin = io.StringIO(stdin) if isinstance(stdin, str) else stdin
     where = [] if users_dir is None else ["--users-dir", str(users_dir)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -3,18 +3,17 @@ commands the Ansible role calls. Hashes come from the session's cache (tests/con
 each (password, hash) check is made once per session, so this module adds little time."""
 
 import calendar
-import contextlib
 import datetime
 import io
 import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
-from mlflowstack import cli, commands, ensure, users
+from mlflowstack import commands, ensure, users
 from mlflowstack.users import UserStore, token_digest
+from test_cli import run
 
 pytestmark = pytest.mark.usefixtures("fast_hashes")
 
@@ -59,66 +58,42 @@ class UnreadableStdin(io.StringIO):
     readline = read
 
 
-def run(users_dir, *argv, stdin=""):
-    """Run stackctl in-process on ``users_dir`` (None: none given); return (status, stdout,
-    stderr). ``stdin`` is its text, or a file object."""
-    out, err = io.StringIO(), io.StringIO()
-    old_stdin = sys.stdin
-    sys.stdin = io.StringIO(stdin) if isinstance(stdin, str) else stdin
-    where = [] if users_dir is None else ["--users-dir", str(users_dir)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                status = cli.main([*where, *argv])
-            except SystemExit as exit_:
-                status = exit_.code
-    finally:
-        sys.stdin = old_stdin
-    return status, out.getvalue(), err.getvalue()
+def stackctl(users_dir, words, stdin=""):
+    """``run`` with the arguments as one string of words."""
+    return run(users_dir, *words.split(), stdin=stdin)
 
 
-def ensure_user(users_dir, name, *options, password=PASSWORD):
-    """``user ensure NAME --password-stdin --json OPTIONS``; return (status, answer, stderr)."""
-    status, out, err = run(
-        users_dir,
-        "user",
-        "ensure",
-        name,
-        "--password-stdin",
-        "--json",
-        *options,
-        stdin=f"{password}\n",
-    )
+def ensure_user(users_dir, name, options="", password=PASSWORD):
+    """``user ensure NAME --password-stdin --json OPTIONS``; return (status, answered, stderr)."""
+    words = f"user ensure {name} --password-stdin --json {options}"
+    status, out, err = stackctl(users_dir, words, stdin=password + "\n")
     return status, json.loads(out) if out else None, err
 
 
-def ensure_token(users_dir, name, *options, secret=SECRET):
-    status, out, err = run(
-        users_dir,
-        "token",
-        "ensure",
-        name,
-        "--secret-stdin",
-        "--json",
-        *options,
-        stdin=secret + "\n",
-    )
+def ensure_token(users_dir, name, options="", secret=SECRET):
+    words = f"token ensure {name} --secret-stdin --json {options}"
+    status, out, err = stackctl(users_dir, words, stdin=secret + "\n")
     return status, json.loads(out) if out else None, err
+
+
+def answer(name, kind, state, *changes):
+    """The JSON object ``ensure --json`` prints."""
+    return {"name": name, "kind": kind, "state": state, "changed": bool(changes)} | {
+        "changes": list(changes)
+    }
 
 
 def user(users_dir, name):
     return UserStore(users_dir).load_users().users.get(name)
 
 
-def file_identity(path):
-    """Bytes, inode and mtime: all three stay when a file is not written again."""
+def file_identity(path, age=False):
+    """Bytes, inode and mtime: all three stay when a file is not written again. ``age`` dates
+    the file back first, so a rewrite shows in its mtime whatever the clock's resolution."""
+    if age:
+        os.utime(path, ns=(10**18, 10**18))
     info = path.stat()
     return path.read_bytes(), info.st_ino, info.st_mtime_ns
-
-
-def age(path):
-    """Date the file back, so a rewrite shows in its mtime whatever the clock's resolution."""
-    os.utime(path, ns=(1_000_000_000 * 10**9, 1_000_000_000 * 10**9))
 
 
 # user ensure
@@ -127,42 +102,33 @@ def age(path):
 def test_user_ensure_missing_user_created_with_default_role_json_only_on_stdout(
     users_dir, bcrypt_verify
 ):
-    status, out, err = run(
-        users_dir, "user", "ensure", "alice", "--password-stdin", "--json", stdin=PASSWORD + "\n"
-    )
+    words = "user ensure alice --password-stdin --json"
+    status, out, err = stackctl(users_dir, words, stdin=PASSWORD + "\n")
     assert status == 0 and err == "" and out.count("\n") == 1
-    assert json.loads(out) == {
-        "name": "alice",
-        "kind": "user",
-        "state": "present",
-        "changed": True,
-        "changes": ["created"],
-    }
+    assert json.loads(out) == answer("alice", "user", "present", "created")
     alice = user(users_dir, "alice")
     assert alice.role == "editor" and alice.can_log_in
     assert bcrypt_verify(PASSWORD, alice.password_hash)
 
 
 def test_user_ensure_state_already_held_unchanged_file_untouched_one_check(users_dir, checks):
-    ensure_user(users_dir, "alice", "--role", "viewer")
+    ensure_user(users_dir, "alice", "--role viewer")
     path = users_dir / "htpasswd"
-    age(path)
-    before = file_identity(path)
+    before = file_identity(path, age=True)
     checks.clear()
-    status, answer, err = ensure_user(users_dir, "alice", "--role", "viewer")
-    assert status == 0 and err == "" and answer["changed"] is False and answer["changes"] == []
+    status, answered, err = ensure_user(users_dir, "alice", "--role viewer")
+    assert status == 0 and err == "" and answered["changed"] is False and answered["changes"] == []
     assert file_identity(path) == before and not (users_dir / "htpasswd.bak").exists()
     assert len(checks) == 1
 
 
 def test_user_ensure_wrong_then_right_password_rehashed_once(users_dir, bcrypt_verify):
     ensure_user(users_dir, "alice")
-    status, answer, _ = ensure_user(users_dir, "alice", password=NEW_PASSWORD)
-    assert status == 0 and answer["changes"] == ["password"]
+    status, answered, _ = ensure_user(users_dir, "alice", password=NEW_PASSWORD)
+    assert status == 0 and answered["changes"] == ["password"]
     assert bcrypt_verify(NEW_PASSWORD, user(users_dir, "alice").password_hash)
     path = users_dir / "htpasswd"
-    age(path)
-    before = file_identity(path)
+    before = file_identity(path, age=True)
     assert ensure_user(users_dir, "alice", password=NEW_PASSWORD)[1]["changed"] is False
     assert file_identity(path) == before
 
@@ -170,24 +136,16 @@ def test_user_ensure_wrong_then_right_password_rehashed_once(users_dir, bcrypt_v
 def test_user_ensure_role_differs_only_role_changed_hash_kept(users_dir):
     ensure_user(users_dir, "alice")
     old_hash = user(users_dir, "alice").password_hash
-    status, answer, _ = ensure_user(users_dir, "alice", "--role", "admin")
-    assert status == 0 and answer["changes"] == ["role"]
+    status, answered, _ = ensure_user(users_dir, "alice", "--role admin")
+    assert status == 0 and answered["changes"] == ["role"]
     assert user(users_dir, "alice").role == "admin"
     assert user(users_dir, "alice").password_hash == old_hash
 
 
 def test_user_ensure_password_and_role_differ_both_named_in_human_line(users_dir):
     ensure_user(users_dir, "alice")
-    status, out, err = run(
-        users_dir,
-        "user",
-        "ensure",
-        "alice",
-        "--role",
-        "viewer",
-        "--password-stdin",
-        stdin=NEW_PASSWORD + "\n",
-    )
+    words = "user ensure alice --role viewer --password-stdin"
+    status, out, err = stackctl(users_dir, words, stdin=NEW_PASSWORD + "\n")
     assert (status, out, err) == (0, "", "user alice: changed (password, role)\n")
 
 
@@ -195,8 +153,8 @@ def test_user_ensure_disabled_user_present_enabled_with_same_hash(users_dir):
     ensure_user(users_dir, "alice")
     old_hash = user(users_dir, "alice").password_hash
     run(users_dir, "user", "disable", "alice")
-    status, answer, _ = ensure_user(users_dir, "alice")
-    assert status == 0 and answer["changes"] == ["enabled"]
+    status, answered, _ = ensure_user(users_dir, "alice")
+    assert status == 0 and answered["changes"] == ["enabled"]
     assert user(users_dir, "alice").can_log_in
     assert user(users_dir, "alice").password_hash == old_hash
 
@@ -207,46 +165,29 @@ def test_user_ensure_state_disabled_without_password_disables_keeps_hash_no_chec
     ensure_user(users_dir, "alice")
     old_hash = user(users_dir, "alice").password_hash
     checks.clear()
-    status, out, err = run(users_dir, "user", "ensure", "alice", "--state", "disabled")
+    status, out, err = stackctl(users_dir, "user ensure alice --state disabled")
     assert (status, out, err) == (0, "", "user alice: changed (disabled)\n")
     alice = user(users_dir, "alice")
     assert not alice.enabled and alice.password_hash == old_hash and checks == []
     path = users_dir / "htpasswd"
-    age(path)
-    before = file_identity(path)
-    status, _, err = run(users_dir, "user", "ensure", "alice", "--state", "disabled")
+    before = file_identity(path, age=True)
+    status, _, err = stackctl(users_dir, "user ensure alice --state disabled")
     assert status == 0 and err == "user alice: unchanged\n" and file_identity(path) == before
 
 
 def test_user_ensure_state_disabled_other_password_hash_updated_stays_disabled(
     users_dir, bcrypt_verify
 ):
-    ensure_user(users_dir, "alice", "--state", "disabled")
-    status, answer, _ = ensure_user(
-        users_dir, "alice", "--state", "disabled", password=NEW_PASSWORD
-    )
-    assert status == 0 and answer == {
-        "name": "alice",
-        "kind": "user",
-        "state": "disabled",
-        "changed": True,
-        "changes": ["password"],
-    }
+    ensure_user(users_dir, "alice", "--state disabled")
+    status, answered, _ = ensure_user(users_dir, "alice", "--state disabled", password=NEW_PASSWORD)
+    assert status == 0 and answered == answer("alice", "user", "disabled", "password")
     alice = user(users_dir, "alice")
     assert not alice.enabled and bcrypt_verify(NEW_PASSWORD, alice.password_hash)
 
 
 def test_user_ensure_state_disabled_missing_user_with_password_created_disabled(users_dir):
-    status, out, err = run(
-        users_dir,
-        "user",
-        "ensure",
-        "bob",
-        "--state",
-        "disabled",
-        "--password-stdin",
-        stdin=PASSWORD + "\n",
-    )
+    words = "user ensure bob --state disabled --password-stdin"
+    status, _, err = stackctl(users_dir, words, stdin=PASSWORD + "\n")
     assert status == 0 and err == "user bob: created (role editor, disabled)\n"
     assert user(users_dir, "bob").enabled is False
 
@@ -260,8 +201,8 @@ def test_user_ensure_hand_added_unloginable_line_gets_bcrypt_hash_without_check(
 ):
     (users_dir / "htpasswd").write_text(line + "\n")
     assert user(users_dir, "mallory").scheme == scheme
-    status, answer, _ = ensure_user(users_dir, "mallory")
-    assert status == 0 and answer["changes"] == ["password"] and checks == []
+    status, answered, _ = ensure_user(users_dir, "mallory")
+    assert status == 0 and answered["changes"] == ["password"] and checks == []
     mallory = user(users_dir, "mallory")
     assert mallory.can_log_in and mallory.role == "editor"
     assert bcrypt_verify(PASSWORD, mallory.password_hash)
@@ -276,21 +217,14 @@ def test_user_ensure_absent_removes_without_reading_stdin_then_unchanged(users_d
     assert (status, out, err) == (0, "", "user alice: removed\n")
     assert user(users_dir, "alice") is None and user(users_dir, "bob") is not None
     path = users_dir / "htpasswd"
-    age(path)
-    before = file_identity(path)
+    before = file_identity(path, age=True)
     status, out, _ = run(users_dir, *argv, "--json", stdin=UnreadableStdin())
-    assert status == 0 and json.loads(out) == {
-        "name": "alice",
-        "kind": "user",
-        "state": "absent",
-        "changed": False,
-        "changes": [],
-    }
+    assert status == 0 and json.loads(out) == answer("alice", "user", "absent")
     assert file_identity(path) == before
 
 
 def test_user_ensure_absent_no_users_file_unchanged_nothing_created(users_dir):
-    status, _, err = run(users_dir, "user", "ensure", "ghost", "--state", "absent")
+    status, _, err = stackctl(users_dir, "user ensure ghost --state absent")
     assert status == 0 and err == "user ghost: unchanged\n"
     assert not (users_dir / "htpasswd").exists()
 
@@ -298,13 +232,13 @@ def test_user_ensure_absent_no_users_file_unchanged_nothing_created(users_dir):
 @pytest.mark.parametrize(
     "argv,stdin,message",
     [
-        (["alice"], "pw\n", "needs the password: pass --password-stdin"),
-        (["alice", "--password-stdin", "--role", "root"], "pw\n", "unknown role 'root'"),
-        (["alice", "--password-stdin"], "", "password is empty"),
-        (["alice", "--password-stdin"], "\n", "password is empty"),
-        (["alice", "--password-stdin"], "x" * 73 + "\n", "72 bytes"),
-        (["a:b", "--password-stdin"], "pw\n", "':'"),
-        (["ghost", "--state", "disabled"], "", "no user 'ghost': creating it needs"),
+        ("alice", "pw\n", "needs the password: pass --password-stdin"),
+        ("alice --password-stdin --role root", "pw\n", "unknown role 'root'"),
+        ("alice --password-stdin", "", "password is empty"),
+        ("alice --password-stdin", "\n", "password is empty"),
+        ("alice --password-stdin", "x" * 73 + "\n", "72 bytes"),
+        ("a:b --password-stdin", "pw\n", "':'"),
+        ("ghost --state disabled", "", "no user 'ghost': creating it needs"),
     ],
 )
 def test_user_ensure_bad_input_one_line_error_status_1_nothing_written(
@@ -312,36 +246,27 @@ def test_user_ensure_bad_input_one_line_error_status_1_nothing_written(
 ):
     ensure_user(users_dir, "alice")
     path = users_dir / "htpasswd"
-    age(path)
-    before = file_identity(path)
-    status, out, err = run(users_dir, "user", "ensure", *argv, stdin=stdin)
+    before = file_identity(path, age=True)
+    status, out, err = stackctl(users_dir, f"user ensure {argv}", stdin=stdin)
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("stackctl: ") and message in err
     assert file_identity(path) == before
 
 
 def test_user_ensure_unknown_state_usage_error_status_2(users_dir):
-    status, out, err = run(users_dir, "user", "ensure", "alice", "--state", "gone")
+    status, out, err = stackctl(users_dir, "user ensure alice --state gone")
     assert status == 2 and out == "" and "invalid choice: 'gone'" in err
     assert list(users_dir.iterdir()) == []
 
 
 def test_user_ensure_admin_password_changed_initial_password_file_removed(users_dir):
     (users_dir / "initial-admin-password").write_text("pw\n")
-    ensure_user(users_dir, "admin", "--role", "admin")
+    ensure_user(users_dir, "admin", "--role admin")
     (users_dir / "initial-admin-password").write_text("pw\n")
-    status, _, err = ensure_user(users_dir, "admin", "--role", "admin")
-    assert status == 0 and (users_dir / "initial-admin-password").exists()
-    status, out, err = run(
-        users_dir,
-        "user",
-        "ensure",
-        "admin",
-        "--role",
-        "admin",
-        "--password-stdin",
-        stdin=NEW_PASSWORD + "\n",
-    )
+    assert ensure_user(users_dir, "admin", "--role admin")[1]["changed"] is False
+    assert (users_dir / "initial-admin-password").exists()
+    words = "user ensure admin --role admin --password-stdin"
+    status, _, err = stackctl(users_dir, words, stdin=NEW_PASSWORD + "\n")
     assert status == 0 and not (users_dir / "initial-admin-password").exists()
     assert err == (
         "user admin: changed (password); the initial password file was removed "
@@ -349,63 +274,60 @@ def test_user_ensure_admin_password_changed_initial_password_file_removed(users_
     )
 
 
-def test_user_ensure_without_users_dir_delegates_password_on_stdin_json_clean(
-    users_dir, monkeypatch
+class Calls(list):
+    answer = None
+
+
+@pytest.fixture
+def compose(monkeypatch):
+    """Stands in for ``docker compose``: records (argv, options) of each run; what it prints
+    when its stdout is captured is compose's and a build's noise around ``compose.answer``."""
+    calls = Calls()
+
+    def fake_run(command, **kwargs):
+        calls.append((command, kwargs))
+        noise = f"#1 building auth\n{json.dumps(calls.answer)}\n Container x-stackctl Removed\n"
+        return subprocess.CompletedProcess(command, 0, noise if kwargs["stdout"] else None)
+
+    monkeypatch.setattr(commands.subprocess, "run", fake_run)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "words,secret",
+    [
+        ("user ensure bob --password-stdin --json", "s3cret"),
+        ("token ensure ci --json --secret-stdin", SECRET),
+    ],
+)
+def test_ensure_without_users_dir_delegates_secret_on_stdin_only_json_clean(
+    users_dir, compose, words, secret
 ):
-    seen = {}
-    answer = {"name": "bob", "kind": "user", "state": "present", "changed": True}
-    answer["changes"] = ["created"]
-
-    def fake_run(command, **kwargs):
-        seen["command"], seen["kwargs"] = command, kwargs
-        # What compose and a build might print on stdout, around the container's answer.
-        output = f"#1 building auth\n{json.dumps(answer)}\n Container x-stackctl Removed\n"
-        return subprocess.CompletedProcess(command, 0, stdout=output)
-
-    monkeypatch.setattr(commands.subprocess, "run", fake_run)
-    status, out, err = run(
-        None, "user", "ensure", "bob", "--password-stdin", "--json", stdin="s3cret\n"
-    )
-    assert status == 0 and json.loads(out) == answer and out.count("\n") == 1
+    compose.answer = answer("x", words.split()[0], "present", "created")
+    status, out, err = stackctl(None, words, stdin=secret + "\n")
+    assert status == 0 and out == json.dumps(compose.answer) + "\n"
     assert "building auth" in err and "Removed" in err
-    command, kwargs = seen["command"], seen["kwargs"]
-    assert command[-6:] == ["stackctl", "user", "ensure", "bob", "--password-stdin", "--json"]
-    assert "s3cret" not in " ".join(command) and "env" not in kwargs
-    assert kwargs["input"] == "s3cret\n" and kwargs["stdout"] == subprocess.PIPE
+    ((command, options),) = compose
+    assert command[-6:] == ["stackctl", *words.split()]
+    assert secret not in " ".join(command) and "env" not in options
+    assert options["input"] == secret + "\n" and options["stdout"] == subprocess.PIPE
 
 
-def test_user_ensure_absent_without_users_dir_delegates_without_stdin(users_dir, monkeypatch):
-    seen = {}
-
-    def fake_run(command, **kwargs):
-        seen["command"], seen["kwargs"] = command, kwargs
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(commands.subprocess, "run", fake_run)
-    argv = ["user", "ensure", "bob", "--state", "absent"]
+@pytest.mark.parametrize("kind", ["user", "token"])
+def test_ensure_absent_without_users_dir_delegates_without_stdin(users_dir, compose, kind):
+    argv = [kind, "ensure", "bob", "--state", "absent"]
     assert run(None, *argv, stdin=UnreadableStdin())[0] == 0
-    assert seen["command"][-5:] == argv
-    assert seen["kwargs"]["input"] is None and seen["kwargs"]["stdin"] == subprocess.DEVNULL
-    assert seen["kwargs"]["stdout"] is None
+    ((command, options),) = compose
+    assert command[-5:] == argv and options["stdout"] is None
+    assert options["input"] is None and options["stdin"] == subprocess.DEVNULL
 
 
 # token ensure and token secret
 
 
 def test_token_ensure_missing_created_only_digest_stored(users_dir):
-    status, answer, err = ensure_token(users_dir, "ci", "--role", "viewer")
-    assert (
-        status == 0
-        and err == ""
-        and answer
-        == {
-            "name": "ci",
-            "kind": "token",
-            "state": "present",
-            "changed": True,
-            "changes": ["created"],
-        }
-    )
+    status, answered, err = ensure_token(users_dir, "ci", "--role viewer")
+    assert (status, answered, err) == (0, answer("ci", "token", "present", "created"), "")
     text = (users_dir / "tokens").read_text()
     assert SECRET not in text and token_digest(SECRET) in text
     (token,) = UserStore(users_dir).load_tokens().values()
@@ -413,14 +335,12 @@ def test_token_ensure_missing_created_only_digest_stored(users_dir):
 
 
 def test_token_ensure_state_already_held_unchanged_file_untouched(users_dir):
-    options = ("--role", "admin", "--expires-on", "2099-12-31")
-    ensure_token(users_dir, "ci", *options)
+    options = "--role admin --expires-on 2099-12-31"
+    ensure_token(users_dir, "ci", options)
     path = users_dir / "tokens"
-    age(path)
-    before = file_identity(path)
-    status, out, err = run(
-        users_dir, "token", "ensure", "ci", "--secret-stdin", *options, stdin=SECRET + "\n"
-    )
+    before = file_identity(path, age=True)
+    words = f"token ensure ci --secret-stdin {options}"
+    status, out, err = stackctl(users_dir, words, stdin=SECRET + "\n")
     assert (status, out, err) == (0, "", "token ci: unchanged\n")
     assert file_identity(path) == before
 
@@ -428,30 +348,30 @@ def test_token_ensure_state_already_held_unchanged_file_untouched(users_dir):
 @pytest.mark.parametrize(
     "options,secret,changes",
     [
-        (("--role", "admin", "--expires-on", "2098-01-01"), SECRET, ["role"]),
-        (("--expires-on", "2099-01-01"), SECRET, ["expires"]),
-        (("--expires-on", "2098-01-01"), OTHER_SECRET, ["secret"]),
-        (("--role", "viewer", "--expires-on", "2098-01-01"), OTHER_SECRET, ["secret", "role"]),
+        ("--role admin --expires-on 2098-01-01", SECRET, ["role"]),
+        ("--expires-on 2099-01-01", SECRET, ["expires"]),
+        ("--expires-on 2098-01-01", OTHER_SECRET, ["secret"]),
+        ("--role viewer --expires-on 2098-01-01", OTHER_SECRET, ["secret", "role"]),
     ],
 )
 def test_token_ensure_differences_named_and_applied(users_dir, options, secret, changes):
-    ensure_token(users_dir, "ci", "--expires-on", "2098-01-01")
-    status, answer, _ = ensure_token(users_dir, "ci", *options, secret=secret)
-    assert status == 0 and answer["changes"] == changes
+    ensure_token(users_dir, "ci", "--expires-on 2098-01-01")
+    status, answered, _ = ensure_token(users_dir, "ci", options, secret=secret)
+    assert status == 0 and answered["changes"] == changes
     (token,) = UserStore(users_dir).load_tokens().values()
     assert token.digest == token_digest(secret)
-    assert ensure_token(users_dir, "ci", *options, secret=secret)[1]["changed"] is False
+    assert ensure_token(users_dir, "ci", options, secret=secret)[1]["changed"] is False
 
 
 def test_token_ensure_expires_on_dropped_token_never_expires(users_dir):
-    ensure_token(users_dir, "ci", "--expires-on", "2099-12-31")
-    status, answer, _ = ensure_token(users_dir, "ci")
-    assert status == 0 and answer["changes"] == ["expires"]
+    ensure_token(users_dir, "ci", "--expires-on 2099-12-31")
+    status, answered, _ = ensure_token(users_dir, "ci")
+    assert status == 0 and answered["changes"] == ["expires"]
     assert next(iter(UserStore(users_dir).load_tokens().values())).expires is None
 
 
 def test_token_ensure_expires_on_midnight_utc_listed_as_that_date(users_dir):
-    ensure_token(users_dir, "ci", "--expires-on", "2099-12-31")
+    ensure_token(users_dir, "ci", "--expires-on 2099-12-31")
     (token,) = UserStore(users_dir).load_tokens().values()
     assert token.expires == calendar.timegm((2099, 12, 31, 0, 0, 0))
     status, out, _ = run(users_dir, "token", "list")
@@ -459,16 +379,8 @@ def test_token_ensure_expires_on_midnight_utc_listed_as_that_date(users_dir):
 
 
 def test_token_ensure_past_expiry_applied_with_warning(users_dir):
-    status, out, err = run(
-        users_dir,
-        "token",
-        "ensure",
-        "old",
-        "--secret-stdin",
-        "--expires-on",
-        "2001-01-01",
-        stdin=SECRET + "\n",
-    )
+    words = "token ensure old --secret-stdin --expires-on 2001-01-01"
+    status, out, err = stackctl(users_dir, words, stdin=SECRET + "\n")
     assert status == 0 and out == ""
     assert err == (
         "token old: created (role editor, expires on 2001-01-01); warning: 2001-01-01 has come, "
@@ -484,16 +396,9 @@ def test_token_ensure_absent_removes_without_reading_stdin_then_unchanged(users_
     assert status == 0 and json.loads(out)["changes"] == ["removed"]
     assert [t.name for t in UserStore(users_dir).load_tokens().values()] == ["other"]
     path = users_dir / "tokens"
-    age(path)
-    before = file_identity(path)
+    before = file_identity(path, age=True)
     status, out, _ = run(users_dir, *argv, stdin=UnreadableStdin())
-    assert status == 0 and json.loads(out) == {
-        "name": "ci",
-        "kind": "token",
-        "state": "absent",
-        "changed": False,
-        "changes": [],
-    }
+    assert status == 0 and json.loads(out) == answer("ci", "token", "absent")
     assert file_identity(path) == before
 
 
@@ -504,28 +409,28 @@ def test_token_ensure_hand_made_duplicate_names_replaced_by_one(users_dir):
         for s in (SECRET, OTHER_SECRET)
     ]
     store.tokens_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    status, answer, _ = ensure_token(users_dir, "ci")
-    assert status == 0 and answer["changes"] == ["duplicates"]
+    status, answered, _ = ensure_token(users_dir, "ci")
+    assert status == 0 and answered["changes"] == ["duplicates"]
     assert [t.digest for t in store.load_tokens().values()] == [token_digest(SECRET)]
 
 
 @pytest.mark.parametrize(
     "argv,stdin,message",
     [
-        (["ci"], SECRET + "\n", "needs the secret: pass --secret-stdin"),
-        (["ci", "--secret-stdin"], "", "token secret is empty"),
-        (["ci", "--secret-stdin"], SECRET[5:] + "\n", "not in stackctl's format"),
-        (["ci", "--secret-stdin"], SECRET[:-1] + "\n", "not in stackctl's format"),
-        (["ci", "--secret-stdin"], SECRET + "A\n", "not in stackctl's format"),
-        (["ci", "--secret-stdin"], SECRET[:-1] + "B\n", "not in stackctl's format"),
-        (["ci", "--secret-stdin"], SECRET[:-2] + "!A\n", "not in stackctl's format"),
-        (["ci", "--secret-stdin"], " " + SECRET + "\n", "not in stackctl's format"),
-        (["ci", "--secret-stdin"], "mlst_" + "ab" * 21 + "A\n", "too regular"),
-        (["ci", "--secret-stdin", "--role", "root"], SECRET + "\n", "unknown role 'root'"),
-        (["ci", "--secret-stdin", "--expires-on", "2099-2-3"], SECRET + "\n", "YYYY-MM-DD"),
-        (["ci", "--secret-stdin", "--expires-on", "2099-02-30"], SECRET + "\n", "YYYY-MM-DD"),
-        (["ci", "--secret-stdin", "--expires-on", "30"], SECRET + "\n", "YYYY-MM-DD"),
-        (["taken", "--secret-stdin"], OTHER_SECRET + "\n", "belongs to token 'other'"),
+        ("ci", SECRET + "\n", "needs the secret: pass --secret-stdin"),
+        ("ci --secret-stdin", "", "token secret is empty"),
+        ("ci --secret-stdin", SECRET[5:] + "\n", "not in stackctl's format"),
+        ("ci --secret-stdin", SECRET[:-1] + "\n", "not in stackctl's format"),
+        ("ci --secret-stdin", SECRET + "A\n", "not in stackctl's format"),
+        ("ci --secret-stdin", SECRET[:-1] + "B\n", "not in stackctl's format"),
+        ("ci --secret-stdin", SECRET[:-2] + "!A\n", "not in stackctl's format"),
+        ("ci --secret-stdin", " " + SECRET + "\n", "not in stackctl's format"),
+        ("ci --secret-stdin", "mlst_" + "ab" * 21 + "A\n", "too regular"),
+        ("ci --secret-stdin --role root", SECRET + "\n", "unknown role 'root'"),
+        ("ci --secret-stdin --expires-on 2099-2-3", SECRET + "\n", "YYYY-MM-DD"),
+        ("ci --secret-stdin --expires-on 2099-02-30", SECRET + "\n", "YYYY-MM-DD"),
+        ("ci --secret-stdin --expires-on 30", SECRET + "\n", "YYYY-MM-DD"),
+        ("taken --secret-stdin", OTHER_SECRET + "\n", "belongs to token 'other'"),
     ],
 )
 def test_token_ensure_bad_input_one_line_error_status_1_nothing_written(
@@ -533,9 +438,8 @@ def test_token_ensure_bad_input_one_line_error_status_1_nothing_written(
 ):
     ensure_token(users_dir, "other", secret=OTHER_SECRET)
     path = users_dir / "tokens"
-    age(path)
-    before = file_identity(path)
-    status, out, err = run(users_dir, "token", "ensure", *argv, stdin=stdin)
+    before = file_identity(path, age=True)
+    status, out, err = stackctl(users_dir, f"token ensure {argv}", stdin=stdin)
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("stackctl: ") and message in err
     assert SECRET[5:] not in err and OTHER_SECRET[5:] not in err
@@ -554,8 +458,8 @@ def test_token_secret_prints_one_valid_fresh_secret_stores_nothing(users_dir):
 
 def test_token_add_secret_accepted_by_token_ensure(users_dir):
     _, out, _ = run(users_dir, "token", "add", "ci")
-    status, answer, _ = ensure_token(users_dir, "ci", secret=out.strip())
-    assert status == 0 and answer["changed"] is False
+    status, answered, _ = ensure_token(users_dir, "ci", secret=out.strip())
+    assert status == 0 and answered["changed"] is False
 
 
 def test_parse_expires_on_start_of_that_day_utc():
