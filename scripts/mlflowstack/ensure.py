@@ -9,7 +9,9 @@ Contract, for both ``ensure`` commands:
 - The report is one line on stderr, ``KIND NAME: unchanged`` / ``created (role R)`` /
   ``changed (a, b)`` / ``removed``; with ``--json`` it is instead exactly one JSON line on
   stdout and nothing else there:
-  ``{"name": N, "kind": "user"|"token", "state": S, "changed": bool, "changes": [...]}``.
+  ``{"name": N, "kind": "user"|"token", "state": S, "changed": bool, "changes": [...]}``
+  (a note, the removed initial-password file or an expiry date that has come, then goes to
+  stderr as its own line).
   Change names: ``created``, ``removed``, ``password``, ``role``, ``enabled``, ``disabled``
   (users); ``created``, ``removed``, ``secret``, ``role``, ``expires``, ``duplicates`` (tokens).
 - Exit status 0 whether or not something changed; bad input is one line ``stackctl: ...`` on
