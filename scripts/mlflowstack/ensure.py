@@ -104,6 +104,7 @@ def converge_user(
         if existing is None:
             if password is None:
                 raise BundleError(f"no user {name!r}: creating it needs --password-stdin")
+            store.check_name_free(name, "user")
             users.users[name] = User(name, role, userstore.hash_password(password), enabled)
             return ["created"]
         changes, fields = [], {}
@@ -203,6 +204,8 @@ def converge_token(
                 "('scripts/stackctl token secret' makes one)"
             )
         wanted = Token(name, role, digest, expires)
+        if not mine:
+            store.check_name_free(name, "token")
         tokens[digest] = wanted
         if not mine:
             return ["created"]

@@ -320,6 +320,20 @@ class UserStore:
                 write_atomic(self.tokens_path, render_tokens(tokens).encode(), SECRET_MODE)
             return result
 
+    def check_name_free(self, name: str, kind: str) -> None:
+        """BundleError unless ``name`` may be a new ``kind`` ("user" or "token"): MLflow records
+        a run's or model's creator by name alone, so one name stands for one user or token."""
+        if kind == "user":
+            taken = any(token.name == name for token in self.load_tokens().values())
+        else:
+            taken = name in self.load_users().users
+        if taken:
+            other = "a token" if kind == "user" else "a user"
+            raise BundleError(
+                f"{other} is already named {name!r}: MLflow records creators by name, so a "
+                f"{kind} needs another name"
+            )
+
     def _change_user(self, name: str, change) -> User | None:
         """Apply ``change(users, current_user_or_None)`` under the lock and save the result."""
         validate_name(name)
@@ -338,6 +352,7 @@ class UserStore:
         def add(users: Users, existing: User | None) -> User:
             if existing:
                 raise BundleError(f"user {name!r} already exists")
+            self.check_name_free(name, "user")
             users.users[name] = User(name, role, password_hash)
             return users.users[name]
 
@@ -384,6 +399,7 @@ class UserStore:
             tokens = self.load_tokens()
             if any(t.name == name for t in tokens.values()):
                 raise BundleError(f"token {name!r} already exists")
+            self.check_name_free(name, "token")
             token = Token(name, role, token_digest(secret), expires)
             tokens[token.digest] = token
             write_atomic(self.tokens_path, render_tokens(tokens).encode(), SECRET_MODE)
