@@ -12,13 +12,14 @@ import getpass
 import importlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from mlflowstack.cabundle import ca_bundle_setting, env_with_setting
+from mlflowstack.cabundle import ca_bundle_setting, env_with_setting, find_ca_bundle
 from mlflowstack.files import PUBLIC_MODE, SECRET_MODE, BundleError, create_file
 from mlflowstack.stacksecrets import ensure_proxy_secret
 from mlflowstack.users import UserStore, validate_name, validate_password
@@ -328,18 +329,58 @@ def init(args) -> int:
                 "to write it again from .env.example, or set EXTRA_CA_BUNDLE in it yourself"
             )
         print(f"init: {env_file} exists, kept (--force replaces it)", file=sys.stderr)
+        warning = kept_env_ca_warning(env_file.read_bytes(), os.environ)
+        if warning:
+            print(f"init: {warning}", file=sys.stderr)
     else:
         content = example.read_bytes()
         value, report = ca_bundle_setting(args, content, os.environ)
         if value is not None:
             content = env_with_setting(content, "EXTRA_CA_BUNDLE", value)
+        project_name = project_name_setting(os.environ)
+        if project_name:
+            content = env_with_setting(content, "COMPOSE_PROJECT_NAME", project_name)
         create_file(env_file, content, PUBLIC_MODE, force=True)
         print(f"init: wrote {env_file} from .env.example", file=sys.stderr)
         if report:
             print(f"init: {report}", file=sys.stderr)
+        if project_name:
+            print(
+                f"init: COMPOSE_PROJECT_NAME={project_name} in .env (from this shell): this "
+                "stack's containers, volumes and images are named after it",
+                file=sys.stderr,
+            )
     if _local_store(args) is not None:
         return bootstrap(args)
     return _in_auth_image(args, ["bootstrap"])
+
+
+def project_name_setting(environ) -> str | None:
+    """COMPOSE_PROJECT_NAME from the shell for a new .env (a second stack on one engine is
+    started so), or None; BundleError if compose would refuse it."""
+    name = environ.get("COMPOSE_PROJECT_NAME", "")
+    if not name:
+        return None
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):
+        raise BundleError(
+            f"COMPOSE_PROJECT_NAME {name!r}: compose wants lower-case letters, digits, '_' and "
+            "'-', starting with a letter or digit"
+        )
+    return name
+
+
+def kept_env_ca_warning(env: bytes, environ) -> str | None:
+    """What to say when a kept .env sets no EXTRA_CA_BUNDLE although this host has a CA
+    bundle (builds behind a TLS-inspecting proxy would fail), or None."""
+    if environ.get("EXTRA_CA_BUNDLE") or re.search(rb"(?m)^EXTRA_CA_BUNDLE=", env):
+        return None
+    found = find_ca_bundle(environ)
+    if found is None:
+        return None
+    return (
+        f"the kept .env sets no EXTRA_CA_BUNDLE: behind a TLS-inspecting proxy, image builds "
+        f"will fail; add EXTRA_CA_BUNDLE={found[0]} to it"
+    )
 
 
 def config_render(args) -> int:

@@ -477,3 +477,20 @@ def test_ca_bundle_problem_bundle_with_leading_comments_accepted(tmp_path):
 )
 def test_env_with_setting_replaces_line_or_appends(content, expected):
     assert cabundle.env_with_setting(content, "X", "/new") == expected
+
+
+def test_project_name_setting_from_shell_or_refused():
+    assert commands.project_name_setting({}) is None
+    assert commands.project_name_setting({"COMPOSE_PROJECT_NAME": "staging-2"}) == "staging-2"
+    with pytest.raises(commands.BundleError, match="COMPOSE_PROJECT_NAME"):
+        commands.project_name_setting({"COMPOSE_PROJECT_NAME": "Bad Name"})
+
+
+def test_kept_env_ca_warning_only_without_setting(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    environ = {"SSL_CERT_FILE": str(ca)}
+    warning = commands.kept_env_ca_warning(b"HTTP_PORT=80\n# EXTRA_CA_BUNDLE=x\n", environ)
+    assert warning and f"EXTRA_CA_BUNDLE={ca}" in warning
+    assert commands.kept_env_ca_warning(b"EXTRA_CA_BUNDLE=/x\n", environ) is None
+    assert commands.kept_env_ca_warning(b"", {**environ, "EXTRA_CA_BUNDLE": "/y"}) is None
