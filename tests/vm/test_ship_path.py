@@ -1,5 +1,6 @@
 """Issue 10's end-to-end test, on one fresh simulated VM, in order (each step needs the last):
 
+0. ``--check`` on the fresh VM reports work and changes nothing;
 1. converge the fresh VM with the ``ship`` path; 2. converge again: changed=0; 3. from outside:
 /healthz, a user logs a run, a metric and an artifact with the real MLflow client, a wrong
 password gets 401, a viewer 403 on a write, a token works; 4. change the inventory (a password,
@@ -146,6 +147,20 @@ def check_runs_intact(vm, people, state):
         assert token_run.data.metrics == {"accuracy": 0.9}
         found = client.search_runs([state["experiment_id"]])
         assert {r.info.run_id for r in found} == {state["run_id"], state["token_run_id"]}
+
+
+# --- 0. check mode on the fresh VM ----------------------------------------------------------
+
+
+def test_00_check_mode_on_the_fresh_vm_changes_nothing(vm, site, people):
+    """What a platform engineer runs first: --check --diff reports the work and does none."""
+    first_inventory(site, people)
+    converge = site.converge("check-fresh", "--check", "--diff")
+    record_time(f"{ROLE}: 0. --check --diff on the fresh VM", converge.seconds)
+    recap = assert_converged(converge, site.host, "--check on the fresh VM")
+    assert recap["changed"] > 0, "check mode on a fresh VM reports no work to do"
+    assert vm.ssh("command -v docker", check=False).returncode != 0, "--check installed Docker"
+    assert vm.ssh("test -e /opt/mlflow-stack", check=False).returncode != 0, "--check wrote files"
 
 
 # --- 1. the fresh VM, ship path ---------------------------------------------------------------

@@ -123,7 +123,8 @@ class VM:
 
     def wait_for_ssh(self, timeout: float = 90) -> float:
         def ready():
-            return self.ssh("systemctl is-system-running --wait", check=False).stdout.strip() in (
+            state = self.ssh("systemctl is-system-running --wait", check=False, timeout=60)
+            return state.stdout.strip() in (
                 "running",
                 "degraded",
             )
