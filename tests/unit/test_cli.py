@@ -17,8 +17,9 @@ pytestmark = pytest.mark.usefixtures("fast_hashes")
 
 @pytest.fixture(autouse=True)
 def no_host_ca_bundle(monkeypatch):
-    """init looks at this host's CA bundle; tests give it their own candidates instead."""
-    for name in ("EXTRA_CA_BUNDLE", *cabundle.CA_BUNDLE_VARIABLES):
+    """init looks at this host's CA bundle and the shell's COMPOSE_PROJECT_NAME (which the stack
+    tests set for their session); tests give it their own instead."""
+    for name in ("EXTRA_CA_BUNDLE", "COMPOSE_PROJECT_NAME", *cabundle.CA_BUNDLE_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", ())
 
