@@ -209,8 +209,13 @@ def user_role(args) -> int:
 
 
 def user_remove(args) -> int:
-    _store_or_delegate(args).remove_user(args.name)
-    print(f"user {args.name}: removed", file=sys.stderr)
+    store = _store_or_delegate(args)
+    store.remove_user(args.name)
+    report = f"user {args.name}: removed"
+    # A password of a user that no longer exists is no one's to keep.
+    if args.name == INITIAL_ADMIN and _remove(store.initial_password_path):
+        report += "; the initial password file was removed too"
+    print(report, file=sys.stderr)
     return 0
 
 

@@ -152,8 +152,9 @@ def user_ensure(args) -> int:
         commands._require_bcrypt()
     changes = converge_user(store, args.name, args.role, args.state, password)
     note = ""
-    password_set = "password" in changes or "created" in changes
-    # The first-run password file no longer tells the truth (as in user passwd).
+    password_set = "password" in changes or "created" in changes or "removed" in changes
+    # The first-run password file no longer tells the truth (as in user passwd), or names a
+    # user that is gone.
     if (
         args.name == commands.INITIAL_ADMIN
         and password_set

@@ -274,6 +274,22 @@ def test_user_ensure_admin_password_changed_initial_password_file_removed(users_
     )
 
 
+def test_user_ensure_admin_absent_initial_password_file_removed(users_dir):
+    ensure_user(users_dir, "admin", "--role admin")
+    (users_dir / "initial-admin-password").write_text("pw\n")
+    status, _, err = stackctl(users_dir, "user ensure admin --state absent")
+    assert status == 0 and not (users_dir / "initial-admin-password").exists()
+    assert "removed" in err
+
+
+def test_user_remove_admin_initial_password_file_removed(users_dir):
+    ensure_user(users_dir, "admin", "--role admin")
+    (users_dir / "initial-admin-password").write_text("pw\n")
+    status, _, err = stackctl(users_dir, "user remove admin")
+    assert status == 0 and not (users_dir / "initial-admin-password").exists()
+    assert err == "user admin: removed; the initial password file was removed too\n"
+
+
 class Calls(list):
     answer = None
 
