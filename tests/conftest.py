@@ -73,3 +73,12 @@ def pytest_collection_finish(session):
         if module not in started and hasattr(module, "start_early"):
             started.add(module)
             module.start_early()
+
+
+@pytest.fixture
+def users_dir(tmp_path, monkeypatch):
+    """An empty users directory given by argument, never by a USERS_DIR of the environment."""
+    directory = tmp_path / "users"
+    directory.mkdir()
+    monkeypatch.delenv("USERS_DIR", raising=False)
+    return directory

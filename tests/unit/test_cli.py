@@ -33,14 +33,6 @@ def counted_passwords(monkeypatch):
     monkeypatch.setattr(commands, "generate_password", lambda: f"generated-{next(counter)}")
 
 
-@pytest.fixture
-def users_dir(tmp_path, monkeypatch):
-    directory = tmp_path / "users"
-    directory.mkdir()
-    monkeypatch.delenv("USERS_DIR", raising=False)
-    return directory
-
-
 def run(users_dir, *argv, stdin=""):
     """Run stackctl in-process on ``users_dir`` (None: none given); return (status, stdout,
     stderr). ``stdin`` is its text, or a file object."""
@@ -491,7 +483,7 @@ def test_kept_env_ca_warning_only_without_setting(tmp_path):
     ca = tmp_path / "ca.crt"
     ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     environ = {"SSL_CERT_FILE": str(ca)}
-    warning = commands.kept_env_ca_warning(b"HTTP_PORT=80\n# EXTRA_CA_BUNDLE=x\n", environ)
+    warning = cabundle.kept_env_ca_warning(b"HTTP_PORT=80\n# EXTRA_CA_BUNDLE=x\n", environ)
     assert warning and f"EXTRA_CA_BUNDLE={ca}" in warning
-    assert commands.kept_env_ca_warning(b"EXTRA_CA_BUNDLE=/x\n", environ) is None
-    assert commands.kept_env_ca_warning(b"", {**environ, "EXTRA_CA_BUNDLE": "/y"}) is None
+    assert cabundle.kept_env_ca_warning(b"EXTRA_CA_BUNDLE=/x\n", environ) is None
+    assert cabundle.kept_env_ca_warning(b"", {**environ, "EXTRA_CA_BUNDLE": "/y"}) is None

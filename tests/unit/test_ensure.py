@@ -27,14 +27,6 @@ SECRET = "mlst_7XpRU-bXvhH_BFSI-QH_VOUnkH0rBPbMgwhDhZ18TTQ"
 OTHER_SECRET = "mlst_3FDXXJhaYYpVum83Iju_BkBiJc-iEkSCTVjTFjIZH-A"
 
 
-@pytest.fixture
-def users_dir(tmp_path, monkeypatch):
-    directory = tmp_path / "users"
-    directory.mkdir()
-    monkeypatch.delenv("USERS_DIR", raising=False)
-    return directory
-
-
 @pytest.fixture(autouse=True)
 def checks(monkeypatch, bcrypt_verify):
     """Every password check made, in order; each answered by the gate's real check, made once
