@@ -53,7 +53,7 @@ def ca_bundle_setting(
             f"EXTRA_CA_BUNDLE={path} in .env (from --ca-bundle): pip in the image builds trusts "
             "the CAs it holds, in place of its own list"
         )
-    if args.no_ca_bundle or re.search(rb"(?m)^EXTRA_CA_BUNDLE=", example):
+    if args.no_ca_bundle or sets_ca_bundle(example):
         return None, None
     if environ.get("EXTRA_CA_BUNDLE"):
         return None, (
@@ -73,6 +73,25 @@ def ca_bundle_setting(
         f"EXTRA_CA_BUNDLE={path} in .env, this host's CA bundle{via}: pip in the image builds "
         "then trusts what this host trusts, needed behind a TLS-inspecting proxy and harmless "
         "otherwise (--no-ca-bundle leaves it unset)"
+    )
+
+
+def sets_ca_bundle(env: bytes) -> bool:
+    """Whether .env text sets EXTRA_CA_BUNDLE (a commented example line does not)."""
+    return re.search(rb"(?m)^EXTRA_CA_BUNDLE=", env) is not None
+
+
+def kept_env_ca_warning(env: bytes, environ: Mapping[str, str]) -> str | None:
+    """What to say when a kept .env sets no EXTRA_CA_BUNDLE although this host has a CA
+    bundle (builds behind a TLS-inspecting proxy would fail), or None."""
+    if environ.get("EXTRA_CA_BUNDLE") or sets_ca_bundle(env):
+        return None
+    found = find_ca_bundle(environ)
+    if found is None:
+        return None
+    return (
+        f"the kept .env sets no EXTRA_CA_BUNDLE: behind a TLS-inspecting proxy, image builds "
+        f"will fail; add EXTRA_CA_BUNDLE={found[0]} to it"
     )
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlflowstack.cabundle import ca_bundle_setting, env_with_setting, find_ca_bundle
+from mlflowstack.cabundle import ca_bundle_setting, env_with_setting, kept_env_ca_warning
 from mlflowstack.files import PUBLIC_MODE, SECRET_MODE, BundleError, create_file
 from mlflowstack.stacksecrets import ensure_proxy_secret
 from mlflowstack.users import UserStore, validate_name, validate_password
@@ -372,20 +372,6 @@ def project_name_setting(environ) -> str | None:
             "'-', starting with a letter or digit"
         )
     return name
-
-
-def kept_env_ca_warning(env: bytes, environ) -> str | None:
-    """What to say when a kept .env sets no EXTRA_CA_BUNDLE although this host has a CA
-    bundle (builds behind a TLS-inspecting proxy would fail), or None."""
-    if environ.get("EXTRA_CA_BUNDLE") or re.search(rb"(?m)^EXTRA_CA_BUNDLE=", env):
-        return None
-    found = find_ca_bundle(environ)
-    if found is None:
-        return None
-    return (
-        f"the kept .env sets no EXTRA_CA_BUNDLE: behind a TLS-inspecting proxy, image builds "
-        f"will fail; add EXTRA_CA_BUNDLE={found[0]} to it"
-    )
 
 
 def config_render(args) -> int:
