@@ -26,11 +26,58 @@ render_hosts_map() {
             fi
             echo "    \"~*^${pattern}${port_part}\$\" 1;"
         done
+        # The serving profile fetches models through this proxy by its service name.
+        if [ -n "$(serve_model_names)" ]; then
+            echo '    "nginx:8080" 1;'
+        fi
     fi
     echo '}'
     # For the 421 answer (njs/refusals.js): the names, checked above, so safe in quotes.
     # shellcheck disable=SC2016  # $pid is nginx's variable
     printf 'map $pid $public_names {\n    default "%s";\n}\n' "$(printf '%s' "$entries" | tr -s ' ' ',' | sed 's/^,//; s/,$//')"
+}
+
+# SERVE_MODELS ("NAME@ALIAS,NAME/VERSION,..."; server/serving.py reads the same list with the
+# same rule) -> the model names, one a line, in order: model i listens on serving:5100+i.
+serve_model_names() {
+    printf '%s' "${SERVE_MODELS:-}" | tr ',' '\n' | tr -d ' \t' | grep -v '^$' | sed 's/[@/].*//' || true
+}
+
+check_serve_models() {
+    for entry in $(printf '%s' "${SERVE_MODELS:-}" | tr ',' ' '); do
+        if ! printf '%s\n' "$entry" \
+            | grep -Eq '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9_-]{1,255}|/[1-9][0-9]{0,9})$'; then
+            echo "docker-entrypoint: SERVE_MODELS: '$entry' is not NAME@ALIAS or NAME/VERSION" >&2
+            return 1
+        fi
+    done
+    duplicate=$(serve_model_names | sort | uniq -d | head -n 1)
+    if [ -n "$duplicate" ]; then
+        echo "docker-entrypoint: SERVE_MODELS: '$duplicate' is listed twice" >&2
+        return 1
+    fi
+}
+
+# /serving/NAME/... -> serving:PORT; a name not served goes to this nginx's own 404 answer.
+# The first model also answers /invocations, as in MLflow's docs.
+render_serving_map() {
+    # shellcheck disable=SC2016  # nginx's variables
+    echo 'map $serving_model $serving_backend {'
+    echo '    default 127.0.0.1:8091;'
+    port=5100
+    first=''
+    names=''
+    for name in $(serve_model_names); do
+        echo "    \"$name\" serving:$port;"
+        port=$((port + 1))
+        first=${first:-$name}
+        names="${names:+$names, }$name"
+    done
+    echo '}'
+    # shellcheck disable=SC2016
+    printf 'map $pid $serving_default_model {\n    default "%s";\n}\n' "$first"
+    # shellcheck disable=SC2016
+    printf 'map $pid $serving_names {\n    default "%s";\n}\n' "${names:-none}"
 }
 
 # A remembered "yes" outlives a user's removal by up to this long: 1-5 s ("2s", "1500ms").
@@ -73,7 +120,9 @@ check_request_body_limit() {
 
 check_auth_cache_ttl
 check_request_body_limit
+check_serve_models
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
+render_serving_map > /etc/nginx/conf.d/01-serving.conf
 render_proxy_secret
 
 # Only our variables are substituted, so nginx's own $variables survive.

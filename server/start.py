@@ -54,8 +54,13 @@ def parse_public_hostnames(value: str) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def security_environment(public_hostname: str) -> dict[str, str]:
-    """MLflow's allowed-hosts and CORS settings derived from ``PUBLIC_HOSTNAME``.
+# The serving profile fetches models through nginx by its service name (server/serving.py).
+SERVING_HOST = "nginx:8080"
+
+
+def security_environment(public_hostname: str, serving: bool = False) -> dict[str, str]:
+    """MLflow's allowed-hosts and CORS settings derived from ``PUBLIC_HOSTNAME``; with
+    ``serving`` (SERVE_MODELS is set), also the Host the serving container sends.
 
     nginx refuses foreign Host headers first; MLflow's own middleware stays on with the same
     list so that it would also hold if the server were ever reached another way. A host without
@@ -64,7 +69,8 @@ def security_environment(public_hostname: str) -> dict[str, str]:
     pairs = parse_public_hostnames(public_hostname)
     if not pairs:
         return {"MLFLOW_SERVER_ALLOWED_HOSTS": "*", "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "*"}
-    hosts, origins = [], []
+    # Not an origin: no browser page is ever served under that name.
+    hosts, origins = [SERVING_HOST] if serving else [], []
     for name, port in pairs:
         suffixes = [f":{port}"] if port else ["", ":*"]
         # fnmatch treats "[" as a character class; IPv6 literals need it escaped.
@@ -93,7 +99,9 @@ def server_environment(env: dict[str, str]) -> dict[str, str]:
         _SERVE_ARTIFACTS: "true",
         "_MLFLOW_SGI_NAME": "uvicorn",
         "_MLFLOW_IN_JOB_EXECUTOR": "false",
-        **security_environment(env.get("PUBLIC_HOSTNAME", "")),
+        **security_environment(
+            env.get("PUBLIC_HOSTNAME", ""), serving=bool(env.get("SERVE_MODELS", "").strip())
+        ),
         **telemetry_environment(env.get("MLFLOW_TELEMETRY", "")),
     }
     return {**env, **derived}

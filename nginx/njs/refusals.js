@@ -5,7 +5,8 @@
 // client raises it as its exception's message and the UI puts it in its error banner.
 //
 // Contract (the named locations of templates/mlflow.conf.template call these):
-// - API paths (/api/, /ajax-api/, /graphql, /v1/: what clients and the UI's scripts call) get
+// - API paths (/api/, /ajax-api/, /graphql, /v1/, /serving/, /invocations: what clients, the
+//   UI's scripts and prediction clients call) get
 //   MLflow's JSON error shape; every other path (a page a browser opens) gets plain text, and
 //   a misdirected request from a browser a small HTML page.
 // - A message holds only what nginx or the gate wrote: the gate's percent-encoded user name
@@ -16,7 +17,7 @@
 //   ask for a password), 429 keeps Retry-After and its slow trickle, 421 stays 421, and 413
 //   names the limit (REQUEST_BODY_LIMIT).
 
-const API_PATH = /^\/(api\/|ajax-api\/|graphql(\/|$)|v1\/)/;
+const API_PATH = /^\/(api\/|ajax-api\/|graphql(\/|$)|v1\/|serving\/|invocations$)/;
 
 // What each role may do, and the role a refused access class needs.
 const ROLE_SCOPE = {
@@ -86,7 +87,17 @@ function refused(r) {
 function tooLarge(r) {
     send(r, 413, "RESOURCE_LIMIT_EXCEEDED",
         `Request body too large: this server accepts at most ${r.variables.body_limit} for ` +
-        "MLflow's JSON calls (REQUEST_BODY_LIMIT in .env); artifact uploads have no limit.");
+        "MLflow's JSON calls and predictions (REQUEST_BODY_LIMIT in .env); artifact uploads " +
+        "have no limit.");
+}
+
+// The serving location could not reach the model's scoring process: the serve profile is
+// not running, or the model has not loaded (yet). Never a hang: nginx finds out at once.
+function servingUnavailable(r) {
+    r.headersOut["Retry-After"] = "5";
+    send(r, 503, "TEMPORARILY_UNAVAILABLE",
+        "This model is not being served right now: the serve profile is not running, or the " +
+        "model has not loaded yet. The operator sees why in 'docker compose logs serving'.");
 }
 
 function escapeHtml(text) {
@@ -115,4 +126,4 @@ function misdirected(r) {
         listed + "\n");
 }
 
-export default { unauthorized, refused, misdirected, tooLarge };
+export default { unauthorized, refused, misdirected, tooLarge, servingUnavailable };

@@ -233,6 +233,13 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
         WRITE,
         "/api/3.0/mlflow/mcp-servers/{name:path}/versions/{version:path}/tags/{key:path}",
     ),
+    # Model serving (the serve profile: nginx sends these to the scoring processes of
+    # server/serving.py, never to MLflow). A prediction changes nothing, so viewers may.
+    ("POST", READ, "/serving/{model}/invocations"),
+    ("GET", READ, "/serving/{model}/ping"),
+    ("GET", READ, "/serving/{model}/health"),
+    ("GET", READ, "/serving/{model}/version"),
+    ("POST", READ, "/invocations"),
     # AI gateway: invoking configured endpoints is "write" (it spends the provider keys);
     # configuring them is admin. Reads of non-secret configuration stay readable so that editors
     # can pick an endpoint for a judge; secrets and standalone guardrails (admin-only in MLflow's

@@ -8,7 +8,7 @@ errors, from argparse); nothing is written when a command fails.
 import argparse
 import sys
 
-from mlflowstack import commands, ensure
+from mlflowstack import commands, ensure, serve
 from mlflowstack.files import BundleError
 from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
 
@@ -121,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     token_list = token.add_parser("list", help="list tokens (never secrets)")
     token_list.add_argument("--json", action="store_true")
     token_list.set_defaults(run=commands.token_list)
+
+    serving = sub.add_parser(
+        "serve", help="the served models (the serve profile must be up)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    serving.add_parser("status", help="what each model serves, or why not").set_defaults(
+        run=serve.serve_status
+    )
+    rollout = serving.add_parser(
+        "rollout", help="serve the version the model's alias names now, failing no request"
+    )
+    rollout.add_argument("model", help="a model name of SERVE_MODELS")
+    rollout.add_argument(
+        "--force", action="store_true", help="reload even if that version is served already"
+    )
+    rollout.set_defaults(run=serve.serve_rollout)
 
     config = sub.add_parser("config", help="render or check the settings").add_subparsers(
         dest="action", required=True, metavar="ACTION"

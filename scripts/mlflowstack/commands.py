@@ -295,6 +295,9 @@ def bootstrap(args) -> int:
     secrets_dir = os.environ.get("SECRETS_DIR")
     if secrets_dir and ensure_proxy_secret(Path(secrets_dir)):
         print(f"bootstrap: created the proxy secret in {secrets_dir}", file=sys.stderr)
+    serving_dir = os.environ.get("SERVING_TOKEN_DIR")
+    if serving_dir:
+        _keep_serving_token(store, Path(serving_dir))
     if store.load_users().users:
         print("bootstrap: users exist, nothing to do", file=sys.stderr)
         return 0
@@ -312,6 +315,21 @@ def bootstrap(args) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _keep_serving_token(store: UserStore, directory: Path) -> None:
+    """The serving profile's viewer token (servingtoken.py); a problem is reported, and the
+    rest of the stack still starts."""
+    from mlflowstack.servingtoken import keep_serving_token  # ensure.py imports this module
+
+    try:
+        wanted = bool(os.environ.get("SERVE_MODELS", "").strip())
+        done = keep_serving_token(store, directory, wanted)
+    except BundleError as error:
+        print(f"bootstrap: warning: {error}", file=sys.stderr)
+        return
+    if done:
+        print(f"bootstrap: {done}", file=sys.stderr)
 
 
 def init(args) -> int:
