@@ -46,13 +46,15 @@ from pathlib import Path
 
 log = logging.getLogger("serving")
 
-BASE_PORT = 5100
+# nginx renders the same ports (docker-entrypoint.sh); the variable is for tests.
+BASE_PORT = int(os.environ.get("SERVING_BASE_PORT", "5100"))
 MAX_MODELS = 32
 CONTROL_SOCKET = Path(os.environ.get("SERVING_CONTROL", "/tmp/serving/control.sock"))
 MODELS_DIR = Path(os.environ.get("SERVING_MODELS_DIR", "/tmp/serving/models"))
 LOAD_TIMEOUT = float(os.environ.get("SERVING_LOAD_TIMEOUT", "300"))
 STOP_TIMEOUT = float(os.environ.get("SERVING_STOP_TIMEOUT", "60"))
 MAX_BACKOFF = 30.0
+BIND_ADDRESS = os.environ.get("SERVING_BIND_ADDRESS", "0.0.0.0")
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _ENTRY = re.compile(
@@ -121,6 +123,11 @@ class Served:
     problem: str = "starting"
 
 
+def _self_command() -> list[str]:
+    """The children run the script this process was started as (tests start a stand-in)."""
+    return [sys.executable, os.path.abspath(sys.argv[0])]
+
+
 def fetch(spec: ModelSpec) -> tuple[str, Path]:
     """Resolve the spec to a version and download it (in a child: the supervisor stays small
     and never imports mlflow). Returns (version, directory); raises ServingError with the
@@ -128,7 +135,7 @@ def fetch(spec: ModelSpec) -> tuple[str, Path]:
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=MODELS_DIR))
     result = subprocess.run(
-        [sys.executable, __file__, "fetch", spec.reference, str(target)],
+        [*_self_command(), "fetch", spec.reference, str(target)],
         capture_output=True, text=True, check=False, timeout=LOAD_TIMEOUT,
     )  # fmt: skip
     if result.returncode:
@@ -144,14 +151,13 @@ def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
     if served.sock is None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", served.spec.port))
+        sock.bind((BIND_ADDRESS, served.spec.port))
         sock.listen(128)
         served.sock = sock
     ready_read, ready_write = os.pipe()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     process = subprocess.Popen(
-        [sys.executable, __file__, "score", str(model_dir), str(served.sock.fileno()),
-         str(ready_write)],
+        [*_self_command(), "score", str(model_dir), str(served.sock.fileno()), str(ready_write)],
         pass_fds=(served.sock.fileno(), ready_write), env=env,
     )  # fmt: skip
     os.close(ready_write)

@@ -307,3 +307,32 @@ def test_mlflow_routes_sample_paths_get_their_table_class(served_routes):
     for method, template in served_routes:
         expected = table[(method, access._canonical(template))]
         assert access.classify(method, sample_path(template)) == expected, (method, template)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/serving/iris/invocations"),
+        ("GET", "/serving/iris/ping"),
+        ("GET", "/serving/iris/health"),
+        ("GET", "/serving/churn.v2/version"),
+        ("POST", "/invocations"),
+    ],
+)
+def test_classify_serving_calls_are_reads_so_viewers_may_predict(method, path):
+    assert access.classify(method, path) == "read"
+    assert access.allowed("viewer", method, path)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/serving/a/b/invocations"),  # a name never spans a slash
+        ("DELETE", "/serving/iris/invocations"),
+        ("POST", "/serving/iris/reload"),
+        ("GET", "/invocations"),
+    ],
+)
+def test_classify_other_serving_paths_are_unclassified(method, path):
+    assert not access.is_classified(method, path)
+    assert not access.allowed("viewer", method, path)

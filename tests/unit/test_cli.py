@@ -487,3 +487,24 @@ def test_kept_env_ca_warning_only_without_setting(tmp_path):
     assert warning and f"EXTRA_CA_BUNDLE={ca}" in warning
     assert cabundle.kept_env_ca_warning(b"EXTRA_CA_BUNDLE=/x\n", environ) is None
     assert cabundle.kept_env_ca_warning(b"", {**environ, "EXTRA_CA_BUNDLE": "/y"}) is None
+
+
+@pytest.mark.parametrize("name", ["../x", "-rf", "a b", "iris;id", "", "x" * 65])
+def test_serve_rollout_bad_model_name_refused_before_docker(name, monkeypatch):
+    monkeypatch.setattr(
+        "mlflowstack.commands._compose", lambda *a, **k: pytest.fail("docker was called")
+    )
+    status, _, err = run(None, "serve", "rollout", "--", name)
+    assert status == 1 and "is not a model name" in err
+
+
+def test_serve_rollout_passes_checked_name_to_serving_container(monkeypatch):
+    calls = []
+    monkeypatch.setattr("mlflowstack.commands._compose", lambda args, *a, **k: calls.append(a) or 0)
+    assert run(None, "serve", "rollout", "iris.v2", "--force")[0] == 0
+    assert calls == [
+        (
+            "exec", "-T", "serving", "python", "/opt/mlflow-stack/serving.py",
+            "rollout", "iris.v2", "--force",
+        )
+    ]  # fmt: skip

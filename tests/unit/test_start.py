@@ -62,3 +62,21 @@ def test_telemetry_environment_other_value_refused():
 
 def test_gunicorn_command_serves_the_guarded_app():
     assert start.gunicorn_command()[-1] == "guard:create_app()"
+
+
+def test_security_environment_serving_allows_nginx_service_host_not_as_origin():
+    env = start.security_environment("mlflow.example.com", serving=True)
+    assert env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")[0] == "nginx:8080"
+    assert "nginx" not in env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"]
+
+
+def test_server_environment_serve_models_empty_keeps_only_public_names():
+    env = start.server_environment(
+        {
+            "MLFLOW_BACKEND_STORE_URI": "sqlite:////tmp/x.db",
+            "MLFLOW_ARTIFACTS_DESTINATION": "/tmp/a",
+            "PUBLIC_HOSTNAME": "box",
+            "SERVE_MODELS": " ",
+        }
+    )
+    assert "nginx" not in env["MLFLOW_SERVER_ALLOWED_HOSTS"]
