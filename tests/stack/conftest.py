@@ -31,6 +31,9 @@ def _free_port() -> int:
 
 
 PORT = int(os.environ.get("STACK_TEST_PORT") or _free_port())
+# SERVE_MODELS of the test stack: test_serving.py registers the first and starts the serve
+# profile; the second is never registered (a listed model that cannot load).
+SERVED_MODEL, MISSING_MODEL = "iris-served", "ghost"
 BASE_URL = f"http://127.0.0.1:{PORT}"
 
 
@@ -65,6 +68,7 @@ def docker_setup():
         HTTP_PORT=str(PORT),
         BIND_ADDRESS="127.0.0.1",
         PUBLIC_HOSTNAME=f"127.0.0.1:{PORT},localhost",
+        SERVE_MODELS=f"{SERVED_MODEL}@production,{MISSING_MODEL}@production",
     )
     if ca_bundle:
         os.environ["EXTRA_CA_BUNDLE"] = ca_bundle
@@ -73,7 +77,8 @@ def docker_setup():
 
 @pytest.fixture(scope="session")
 def docker_cleanup():
-    return ["down -v"]
+    # With the profile, or down would leave the serving container (and its volume) behind.
+    return ["--profile serve down -v"]
 
 
 class Stack:
