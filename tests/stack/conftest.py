@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 
 PORT = int(os.environ.get("STACK_TEST_PORT") or _free_port())
-# SERVE_MODELS of the test stack: test_serving.py registers the first and starts the serve
+# SERVE_MODELS of the test stack: test_model_serving.py registers the first and starts the serve
 # profile; the second is never registered (a listed model that cannot load).
 SERVED_MODEL, MISSING_MODEL = "iris-served", "ghost"
 BASE_URL = f"http://127.0.0.1:{PORT}"
