@@ -247,7 +247,9 @@ class BenchStack:
         return usage - (inactive or 0)
 
     def docker_stats(self, services: tuple[str, ...]) -> dict[str, int]:
-        """Memory per service from ``docker stats --no-stream``, in bytes."""
+        """Memory per service from ``docker stats --no-stream``, in bytes. Where docker says
+        0 (an engine that cannot read the container's cgroup reports "0B / 0B"), the same
+        count from the cgroup itself (``memory_bytes``)."""
         ids = {self.container_id(service): service for service in services}
         out = _docker("stats", "--no-stream", "--format", "{{json .}}", *ids)
         memory = {}
@@ -255,6 +257,8 @@ class BenchStack:
             row = json.loads(line)
             service = next(s for cid, s in ids.items() if cid.startswith(row["ID"]))
             memory[service] = parse_size(row["MemUsage"].split("/")[0])
+            if not memory[service]:
+                memory[service] = self.memory_bytes(service) or 0
         return memory
 
 
