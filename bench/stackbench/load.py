@@ -1,9 +1,10 @@
 """Load generation with wrk (Debian package ``wrk``) and bench/wrk/mlflow.lua.
 
-Contract: ``run_wrk`` sends one kind of MLflow call for a bounded number of whole seconds over
-``connections`` keep-alive connections (or one connection per request with ``close``) to a
-127.0.0.1 port, and returns every answer counted by status plus wrk's latency percentiles.
-``start_wrk``/``finish_wrk`` do the same in the background, for overlapping loads.
+Contract: ``run_wrk`` sends one kind of MLflow call (or a model's prediction) for a bounded
+number of whole seconds over ``connections`` keep-alive connections (or one connection per
+request with ``close``) to a 127.0.0.1 port, and returns every answer counted by status plus
+wrk's latency percentiles. ``start_wrk``/``finish_wrk`` do the same in the background, for
+overlapping loads.
 """
 
 import base64
@@ -24,6 +25,28 @@ KINDS = {
     "runs-search": "search",
     "experiments-list": "list",
 }
+# The served model's calls (stackbench.serving): label -> the Lua script's request kind.
+SERVING_KINDS = {"predict-5": "predict"}
+
+# The iris features as the benchmark's model is trained on them, and the body of one
+# prediction: 5 rows in MLflow's dataframe_split JSON (what a client's DataFrame becomes).
+IRIS_COLUMNS = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+PREDICTION_ROWS = (
+    (5.1, 3.5, 1.4, 0.2),
+    (6.2, 2.9, 4.3, 1.3),
+    (7.7, 3.0, 6.1, 2.3),
+    (5.0, 3.4, 1.5, 0.2),
+    (6.4, 3.2, 5.3, 2.3),
+)
+PREDICTION_BODY = json.dumps(
+    {
+        "dataframe_split": {
+            "columns": list(IRIS_COLUMNS),
+            "data": [list(r) for r in PREDICTION_ROWS],
+        }
+    },
+    separators=(",", ":"),
+)
 
 
 def wrk_binary() -> str:
@@ -47,6 +70,7 @@ class Target:
     experiment_id: str
     run_id: str
     close: bool = False  # one connection per request ("Connection: close")
+    path: str = ""  # the URL path of a prediction (kind "predict")
 
 
 @dataclasses.dataclass
@@ -81,12 +105,16 @@ class WrkResult:
 def _command(
     target: Target, kind: str, connections: int, seconds: int, authorization: str | None = None
 ) -> list[str]:
-    argument = target.experiment_id if kind in ("search", "list") else target.run_id
+    arguments = [target.experiment_id if kind in ("search", "list") else target.run_id]
+    if kind == "predict":
+        arguments = [target.path, PREDICTION_BODY]
     command = [wrk_binary(), "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s"]
-    command += ["-s", str(LUA), "-H", f"Authorization: {authorization or target.authorization}"]
+    command += ["-s", str(LUA)]
+    if authorization or target.authorization:  # none for a scoring process's own port
+        command += ["-H", f"Authorization: {authorization or target.authorization}"]
     if target.close:
         command += ["-H", "Connection: close"]
-    return [*command, f"http://127.0.0.1:{target.port}", "--", kind, argument]
+    return [*command, f"http://127.0.0.1:{target.port}", "--", kind, *arguments]
 
 
 def start_wrk(

@@ -1,4 +1,5 @@
-"""The interleaved load scenarios: the path matrix, the wrong-password flood, 16 writers.
+"""The interleaved load scenarios: the path matrix, the wrong-password flood, 16 writers, the
+served model.
 
 Contract: every function returns raw ``WrkResult`` lists (one per repetition, in repetition
 order; a path measured in fewer repetitions has them first) and leaves the statistics to
@@ -15,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from stackbench.load import KINDS, Target, WrkResult, finish_wrk, run_wrk, start_wrk
+from stackbench.load import KINDS, SERVING_KINDS, Target, WrkResult, finish_wrk, run_wrk, start_wrk
 
 # a: through nginx and the gate; b: the same nginx without auth_request; c: the server's own
 # port, keep-alive and one connection per request; d: MLflow's basic-auth server, both ways
@@ -23,6 +24,9 @@ from stackbench.load import KINDS, Target, WrkResult, finish_wrk, run_wrk, start
 STACK_PATHS = ("auth", "noauth", "direct-ka", "direct-close")
 BASELINE_PATHS = ("basic-ka", "basic-close")
 PATHS = STACK_PATHS + BASELINE_PATHS
+# The served model (serve profile): through nginx and the gate; the same nginx without the
+# login; the scoring process's own port, keep-alive and a connection per request.
+SERVING_PATHS = ("serve-auth", "serve-noauth", "serve-direct-ka", "serve-direct-close")
 
 Results = dict[tuple[str, int, str], list[WrkResult]]
 SETTLE_STEP = 0.05  # seconds
@@ -53,7 +57,8 @@ class Bench:
         if quiet:
             self.settle()
         started, before = time.monotonic(), counter()
-        result = run_wrk(self.targets[path], KINDS[op], connections, seconds or self.seconds)
+        kind = KINDS.get(op) or SERVING_KINDS[op]
+        result = run_wrk(self.targets[path], kind, connections, seconds or self.seconds)
         if quiet:
             self.settle()
         after = counter()
@@ -99,10 +104,12 @@ def warm_up(bench: Bench, ops: list[str]) -> None:
     while its bcrypt slot is taken). Both authenticating paths run every call once, then
     until a 16-connection run is all 2xx (at most 5 tries).
     """
+    # The other paths reach the same, now warm, server; basic-auth only when it runs.
+    authenticating = [path for path in ("auth", "basic-ka") if path in bench.targets]
     for op in ops:
-        for path in ("auth", "basic-ka"):  # the other paths reach the same, now warm, server
+        for path in authenticating:
             bench.run(path, op, 4, seconds=1)
-    for path in ("auth", "basic-ka"):
+    for path in authenticating:
         for _ in range(5):
             result = bench.run(path, "experiments-list", 16, seconds=1)
             if result.failures == 0:
@@ -204,3 +211,22 @@ def writers(bench: Bench, connections: int, seconds: int) -> dict[str, WrkResult
     return {
         op: bench.run("auth", op, connections, seconds) for op in ("log-metric", "log-batch-100")
     }
+
+
+def serving(bench: Bench, op: str, levels: list[int], reps: int) -> Results:
+    """The served model's cell, as ``matrix`` runs a call: for each connection count, ``reps``
+    repetitions of every serving path back to back in a shuffled order, after one unmeasured
+    run of each path (the scoring process's first requests, the gate's verdict cache)."""
+    results: Results = defaultdict(list)
+    shuffle = random.Random(20261).shuffle
+    for path in SERVING_PATHS:
+        bench.run(path, op, max(levels), seconds=1)
+    for connections in levels:
+        started = time.monotonic()
+        for _ in range(reps):
+            order = list(SERVING_PATHS)
+            shuffle(order)
+            for path in order:
+                results[(op, connections, path)].append(bench.run(path, op, connections))
+        progress(f"serving {op}@{connections} done in {time.monotonic() - started:.0f}s")
+    return results

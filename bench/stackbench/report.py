@@ -14,9 +14,10 @@ shows the median of all gated cells' per-repetition ratios pooled, less sensitiv
 import dataclasses
 import statistics
 
-from stackbench.load import WrkResult
+from stackbench.load import PREDICTION_ROWS, WrkResult
 from stackbench.logins import MAX_TRIES, FreshLogin, summarize
-from stackbench.measure import PATHS, STACK_PATHS, FloodRound, Results
+from stackbench.measure import PATHS, SERVING_PATHS, STACK_PATHS, FloodRound, Results
+from stackbench.serving import Process, Start
 from stackbench.transfer import ArtifactResult
 
 MiB = 2**20
@@ -31,6 +32,8 @@ MIN_KEPT_UNDER_FLOOD = 0.80
 MAX_FRESH_LOGIN_SECONDS = 2.0
 MIN_TRANSFER_RATIO = 0.90
 MAX_NGINX_GROWTH = 16 * MiB
+MIN_SERVING_RATIO = 0.90  # predictions through nginx + gate vs the scoring process's own port
+MAX_SERVING_ADDED_MS = 1.0
 
 
 def median(values):
@@ -48,6 +51,16 @@ def _num(value, spec=".1f") -> str:
 
 def _mib(value) -> str:
     return "?" if value is None else f"{value / MiB:.1f} MiB"
+
+
+def _runs_json(results: Results) -> dict:
+    return {
+        f"{op}@{conns}/{path}": [
+            {"rate": r.rate, "p50_ms": r.p50_ms, "cpu_ms": r.cpu_ms, "failures": r.failures}
+            for r in runs
+        ]
+        for (op, conns, path), runs in results.items()
+    }
 
 
 def _table(spec: str, rows: list[list[str]]) -> list[str]:
@@ -98,15 +111,24 @@ class Report:
     idle_memory: dict[str, int] = dataclasses.field(default_factory=dict)
     baseline_memory: int | None = None
     startup: dict[str, float] = dataclasses.field(default_factory=dict)
+    serving: Results = dataclasses.field(default_factory=dict)
+    serving_reps: int = 0
+    serving_starts: list[Start] = dataclasses.field(default_factory=list)
+    # When it was read ("loaded, idle", "after the cell") -> the container's processes.
+    serving_processes: dict[str, list[Process]] = dataclasses.field(default_factory=dict)
+    serving_container: dict[str, int | None] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     goals: list[Goal] = dataclasses.field(default_factory=list)
 
-    def better_mode(self, op: str, conns: int, prefix: str) -> tuple[str, list[WrkResult]]:
+    def better_mode(
+        self, op: str, conns: int, prefix: str, results: Results | None = None
+    ) -> tuple[str, list[WrkResult]]:
         """``prefix``'s better connection mode in this cell ("ka" or "close"), by median
-        rate, and its runs. Chosen once per cell, not per repetition: the better of two
-        noisy numbers is biased upwards, and a run does not change how the server handles
-        connections."""
-        runs = {kind: self.matrix[(op, conns, f"{prefix}-{kind}")] for kind in ("ka", "close")}
+        rate, and its runs (of the matrix unless ``results`` says otherwise). Chosen once per
+        cell, not per repetition: the better of two noisy numbers is biased upwards, and a run
+        does not change how the server handles connections."""
+        found = self.matrix if results is None else results
+        runs = {kind: found[(op, conns, f"{prefix}-{kind}")] for kind in ("ka", "close")}
         rates = {kind: median(r.rate for r in found) or 0.0 for kind, found in runs.items()}
         mode = "close" if rates["close"] > rates["ka"] else "ka"
         return mode, runs[mode]
@@ -162,9 +184,10 @@ class Report:
 
     def render(self) -> str:
         self.goals = []
-        title = (
-            f"MLflow stack benchmark: {self.reps} interleaved repetitions "
-            f"({self.baseline_reps} for MLflow basic-auth, {self.flood_reps} of the flood), medians"
+        fewer = [f"{self.baseline_reps} for MLflow basic-auth"] if self.baseline_reps else []
+        fewer += [f"{self.flood_reps} of the flood"] if self.flood_reps else []
+        title = f"MLflow stack benchmark: {self.reps} interleaved repetitions" + (
+            f" ({', '.join(fewer)}), medians" if fewer else ", medians"
         )
         lines = [title + ("  (QUICK smoke run: not a measurement)" if self.quick else "")]
         if self.settings:
@@ -175,6 +198,7 @@ class Report:
             (self.fresh_logins, self._render_fresh_logins),
             (self.writers, self._render_writers),
             (self.artifacts, self._render_artifacts),
+            (self.serving or self.serving_starts, self._render_serving),
         ):
             if present:
                 lines += ["", *section()]
@@ -368,6 +392,154 @@ class Report:
             "proxied transfers (sampled every 100 ms)",
         ]
 
+    # -- serving -------------------------------------------------------------------------
+
+    def serving_cell(self, op: str, conns: int) -> dict:
+        """Medians of one serving cell: per path, auth's per-repetition ratios to no-auth and
+        to the better direct mode, and auth's added p50 over each."""
+        mode, direct = self.better_mode(op, conns, "serve-direct", self.serving)
+        paths = {
+            "auth": self.serving[(op, conns, "serve-auth")],
+            "noauth": self.serving[(op, conns, "serve-noauth")],
+            "direct": direct,
+        }
+
+        def per_rep(other, value):
+            return median(value(a, b) for a, b in zip(paths["auth"], paths[other], strict=False))
+
+        return {
+            "rate": {name: median(r.rate for r in runs) for name, runs in paths.items()},
+            "cpu": {name: median(r.cpu_per_request for r in runs) for name, runs in paths.items()},
+            "p50": {name: median(r.p50_ms for r in runs) for name, runs in paths.items()},
+            "p99": {name: median(r.p99_ms for r in runs) for name, runs in paths.items()},
+            "mode": mode,
+            "vs_noauth": per_rep("noauth", _ratio),
+            "vs_direct": per_rep("direct", _ratio),
+            "added_vs_noauth_ms": per_rep("noauth", lambda a, b: a.p50_ms - b.p50_ms),
+            "added_ms": per_rep("direct", lambda a, b: a.p50_ms - b.p50_ms),
+            "reps": {name: len(runs) for name, runs in paths.items()},
+        }
+
+    def serving_cells(self) -> list[tuple[str, int]]:
+        return sorted({(op, conns) for op, conns, _ in self.serving}, key=lambda k: k[1])
+
+    def _render_serving(self) -> list[str]:
+        out = [
+            f"Model serving (serve profile): predictions of {len(PREDICTION_ROWS)} rows "
+            f"(dataframe_split JSON), {self.serving_reps} interleaved repetitions, medians",
+        ]
+        rates, costs, ratios, lowest, added = [], [], [], None, None
+        for op, conns in self.serving_cells():
+            c = self.serving_cell(op, conns)
+            rate, p50, cpu = c["rate"], c["p50"], c["cpu"]
+            rates.append(
+                [
+                    op,
+                    str(conns),
+                    _num(rate["auth"]),
+                    _num(rate["noauth"]),
+                    f"{_num(rate['direct'])} {c['mode']:>5}",
+                    _num(c["vs_noauth"], ".3f"),
+                    _num(c["vs_direct"], ".3f"),
+                ]
+            )
+            costs.append(
+                [
+                    op,
+                    str(conns),
+                    *(_num(p50[p], ".2f") for p in ("auth", "noauth", "direct")),
+                    _num(c["added_ms"], "+.2f"),
+                    _num(c["added_vs_noauth_ms"], "+.2f"),
+                    *(_num(cpu[p], ".2f") for p in ("auth", "noauth", "direct")),
+                ]
+            )
+            mode, direct = self.better_mode(op, conns, "serve-direct", self.serving)
+            auth = self.serving[(op, conns, "serve-auth")]
+            ratios += [_ratio(a, b) for a, b in zip(auth, direct, strict=False)]
+            if c["vs_direct"] is not None and (lowest is None or c["vs_direct"] < lowest[0]):
+                lowest = (c["vs_direct"], f"{op}@{conns}")
+            if conns == 1:
+                added = c["added_ms"]
+        if rates:
+            out += [
+                "Throughput, req/s of 2xx answers; direct: the scoring process's own port, the",
+                "better (by median) of keep-alive ('ka') and a connection per request ('close')",
+                *_table(
+                    "call:12 conn:5 auth:9 no-auth:9 direct:13 auth/noauth:13 auth/direct:13", rates
+                ),  # fmt: skip
+                "",
+                "Median latency p50 in ms, added p50 (per-repetition differences), and CPU ms",
+                "per request (cgroup counters less idle: nginx+auth+server+serving)",
+                *_table(
+                    "call:12 conn:5 p50:auth:9 no-auth:8 direct:8 +vs_direct:11 +vs_noauth:11 "
+                    "cpu:auth:9 no-auth:8 direct:8",
+                    costs,
+                ),
+                "",
+                "Non-2xx answers and socket errors in the measured runs, per path",
+                *(f"  {path:<20}{self._serving_failures((path,)):>8}" for path in SERVING_PATHS),
+            ]
+            value, where = lowest or (None, "-")
+            pooled = _num(median(ratios), ".3f")
+            self.goals.append(
+                Goal(
+                    "serving-vs-direct",
+                    f"{_num(value, '.3f')} (worst cell {where}; all cells pooled {pooled})",
+                    f">= {MIN_SERVING_RATIO:.2f}",
+                    (value or 0) >= MIN_SERVING_RATIO,
+                )
+            )
+            self.goals.append(
+                Goal(
+                    "serving-added-latency-1-connection",
+                    f"{_num(added, '+.2f')} ms p50 vs direct",
+                    f"<= {MAX_SERVING_ADDED_MS:.2f} ms",
+                    added is not None and added <= MAX_SERVING_ADDED_MS,
+                )
+            )
+            failures = self._serving_failures()
+            self.goals.append(
+                Goal(
+                    "serving-no-non-2xx",
+                    f"{failures} non-2xx or socket errors (every serving path)",
+                    "0",
+                    failures == 0,
+                )
+            )
+        if self.serving_processes:
+            rows = []
+            for when, found in self.serving_processes.items():
+                cells = []
+                for role in ("scorer", "supervisor", "init"):
+                    mine = [p for p in found if p.role == role]
+                    rss, peak = sum(p.rss for p in mine), sum(p.peak for p in mine)
+                    cells.append(f"{rss / MiB:.1f} ({peak / MiB:.1f})" if mine else "-")
+                total = self.serving_container.get(when)
+                rows.append([when, *cells, "-" if total is None else f"{total / MiB:.1f}"])
+            out += [
+                "",
+                "Serving container memory, MiB: RSS per process (peak RSS so far); container:",
+                "its cgroup's usage less inactive file cache (as docker stats counts it)",
+                *_table("when:16 scorer:16 supervisor:14 init:12 container:11", rows),
+            ]
+        if self.serving_starts:
+            each = " ".join(f"{s.first_prediction_seconds:.1f}" for s in self.serving_starts)
+            first = median(s.first_prediction_seconds for s in self.serving_starts)
+            up = median(s.up_seconds for s in self.serving_starts)
+            out += [
+                "",
+                f"Start of the serve profile (model registered before): `up -d` returned after "
+                f"{_num(up)} s;",
+                f"first prediction answered through nginx after {_num(first)} s (median; each: "
+                f"{each} s)",
+            ]
+        return out
+
+    def _serving_failures(self, paths=SERVING_PATHS) -> int:
+        return sum(
+            r.failures for (_, _, path), runs in self.serving.items() if path in paths for r in runs
+        )
+
     def _render_footprint(self) -> list[str]:
         out = ["Idle memory (docker stats --no-stream) and start-up"]
         out += [f"  {service:<12}{_mib(size):>12}" for service, size in self.idle_memory.items()]
@@ -389,13 +561,7 @@ class Report:
             "quick": self.quick,
             "settings": self.settings,
             "cells": {f"{op}@{conns}": self.cell(op, conns) for op, conns in self.cells()},
-            "runs": {
-                f"{op}@{conns}/{path}": [
-                    {"rate": r.rate, "p50_ms": r.p50_ms, "cpu_ms": r.cpu_ms, "failures": r.failures}
-                    for r in runs
-                ]
-                for (op, conns, path), runs in self.matrix.items()
-            },
+            "runs": _runs_json(self.matrix),
             "goals": [dataclasses.asdict(goal) for goal in self.goals],
             "idle_memory": self.idle_memory,
             "baseline_memory": self.baseline_memory,
@@ -405,5 +571,16 @@ class Report:
                 for conns, rows in self.fresh_logins.items()
             },
             "startup": self.startup,
+            "serving": {
+                "reps": self.serving_reps,
+                "cells": {f"{op}@{c}": self.serving_cell(op, c) for op, c in self.serving_cells()},
+                "runs": _runs_json(self.serving),
+                "starts": [dataclasses.asdict(start) for start in self.serving_starts],
+                "processes": {
+                    when: [dataclasses.asdict(p) for p in found]
+                    for when, found in self.serving_processes.items()
+                },
+                "container_memory": self.serving_container,
+            },
             "seconds": self.seconds,
         }

@@ -3,10 +3,13 @@
 Contract: ``BenchStack`` drives ``docker compose -p mlflowstack-bench -f compose.yaml
 -f bench/compose.bench.yaml`` with every port published on 127.0.0.1 (free ports picked at
 start), with settings from the environment only (the repository's ``.env`` is not read, but for
-the build's CA bundle). ``down()`` removes containers, network and volumes and may be called at
-any time, more than once. CPU time and memory come from each container's cgroup (v1 or v2),
-found through the container's init PID, so reading them costs no ``docker`` call during a
-measurement.
+the build's CA bundle). On a machine others share, ``BENCH_PROJECT`` names another project and
+``BENCH_PORT_BASE`` takes the ports from BASE on (edge, no-auth, direct, basic-auth, serving).
+With ``serve_model`` the stack is started with ``SERVE_MODELS`` naming it, so nginx routes it and
+init makes the serving token; the ``serve`` profile itself is started by the benchmark.
+``down()`` removes containers, network and volumes and may be called at any time, more than
+once. CPU time and memory come from each container's cgroup (v1 or v2), found through the
+container's init PID, so reading them costs no ``docker`` call during a measurement.
 """
 
 import dataclasses
@@ -23,6 +26,7 @@ from mlflowstack.cabundle import compose_build_ca_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "mlflowstack-bench"
+SERVING = "serving"
 COMPOSE_FILES = (ROOT / "compose.yaml", ROOT / "bench" / "compose.bench.yaml")
 STACK = ("nginx", "auth", "server")
 BASELINE = "basicauth"
@@ -43,12 +47,31 @@ def free_port() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Ports:
-    """Host ports, all on 127.0.0.1: the edge, nginx without auth, the server, basic-auth."""
+    """Host ports, all on 127.0.0.1: the edge, nginx without auth, the server, basic-auth, the
+    first scoring process."""
 
     edge: int
     noauth: int
     direct: int
     basicauth: int
+    serving: int
+
+
+def pick_ports(base: str | None) -> Ports:
+    """Free ports from the OS, or BASE, BASE+1, ... (each checked free) when ``base`` is set."""
+    count = len(dataclasses.fields(Ports))
+    if not base:
+        return Ports(*(free_port() for _ in range(count)))
+    if not base.isdigit() or not 1024 <= int(base) <= 65535 - count:
+        raise BenchError(f"BENCH_PORT_BASE={base!r}: not a port number")
+    ports = [int(base) + i for i in range(count)]
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as error:
+                raise BenchError(f"BENCH_PORT_BASE: port {port} is taken ({error})") from error
+    return Ports(*ports)
 
 
 class BenchStack:
@@ -56,10 +79,12 @@ class BenchStack:
 
     user = "bench"
 
-    def __init__(self, extra_files: tuple[Path, ...] = ()):
+    def __init__(self, extra_files: tuple[Path, ...] = (), serve_model: str | None = None):
         # Extra override files let a run try other settings (e.g. a candidate cpu_shares).
         self.files = (*COMPOSE_FILES, *extra_files)
-        self.ports = Ports(*(free_port() for _ in range(4)))
+        self.project = os.environ.get("BENCH_PROJECT") or PROJECT
+        self.ports = pick_ports(os.environ.get("BENCH_PORT_BASE"))
+        self.serve_model = serve_model  # "NAME@ALIAS", or None: no serving
         # Fresh secrets per run: nothing here may outlive the project's ``down -v``.
         self.password = secrets.token_urlsafe(18)
         self.basicauth_admin_password = secrets.token_urlsafe(18)
@@ -68,7 +93,7 @@ class BenchStack:
             # Not the developer's .env: what is measured is compose.yaml's defaults plus the
             # settings in the environment, which the report names (cli.SETTINGS).
             "COMPOSE_ENV_FILES": os.devnull,
-            "COMPOSE_PROJECT_NAME": PROJECT,
+            "COMPOSE_PROJECT_NAME": self.project,
             "BIND_ADDRESS": "127.0.0.1",
             "HTTP_PORT": str(self.ports.edge),
             # Without a port each entry allows any port, so every published port is accepted.
@@ -76,6 +101,9 @@ class BenchStack:
             "BENCH_NOAUTH_PORT": str(self.ports.noauth),
             "BENCH_DIRECT_PORT": str(self.ports.direct),
             "BENCH_BASICAUTH_PORT": str(self.ports.basicauth),
+            "BENCH_SERVING_PORT": str(self.ports.serving),
+            # Only when the serving cell runs: the other cells measure the stack without it.
+            "SERVE_MODELS": serve_model or "",
             "BENCH_BASICAUTH_ADMIN_PASSWORD": self.basicauth_admin_password,
             "BENCH_BASICAUTH_SECRET_KEY": secrets.token_hex(16),
         }
@@ -98,7 +126,7 @@ class BenchStack:
     ) -> str:
         """Run one compose command in the bench project; return stdout, raise BenchError."""
         files = [arg for path in self.files for arg in ("-f", str(path))]
-        command = ["docker", "compose", "-p", PROJECT, *files, *args]
+        command = ["docker", "compose", "-p", self.project, *files, *args]
         try:
             result = subprocess.run(
                 command,
@@ -117,11 +145,12 @@ class BenchStack:
             raise BenchError(f"docker compose {' '.join(args)} failed:\n{tail}")
         return result.stdout
 
-    def build(self) -> None:
+    def build(self, baseline: bool = True) -> None:
         # The basic-auth image starts FROM this project's server image, so that one first.
         self.compose("build")
         # (compose.bench.yaml passes it as SERVER_IMAGE.)
-        self.compose("--profile", "bench", "build", BASELINE)
+        if baseline:
+            self.compose("--profile", "bench", "build", BASELINE)
 
     def up(self, *services: str, profile: str | None = None) -> float:
         """``up -d --wait`` of the images built before (``--no-build``: compose.yaml's
@@ -132,6 +161,10 @@ class BenchStack:
         self.compose(*options, "up", "-d", "--wait", "--no-build", *services)
         self._cgroups.clear()
         return time.monotonic() - start
+
+    def forget(self, service: str) -> None:
+        """``service``'s container was replaced outside ``up``: find its cgroup again."""
+        self._cgroups.pop(service, None)
 
     def stop(self) -> None:
         """Remove the containers but keep the volumes (the next ``up`` is a restart)."""
@@ -145,6 +178,8 @@ class BenchStack:
             "bench",
             "--profile",
             "tools",
+            "--profile",
+            "serve",
             "down",
             "-v",
             "--remove-orphans",
@@ -174,12 +209,17 @@ class BenchStack:
         return self.compose("exec", "-T", "auth", "cat", path).strip()
 
     def logs(self, service: str, since: str) -> str:
-        return self.compose("--profile", "bench", "logs", "--no-color", "--since", since, service)
+        return self.compose(
+            "--profile", "bench", "--profile", "serve", "logs", "--no-color", "--since", since,
+            service,
+        )  # fmt: skip
 
     # -- counters ------------------------------------------------------------------------
 
     def container_id(self, service: str) -> str:
-        found = self.compose("--profile", "bench", "ps", "-q", service).split()
+        found = self.compose(
+            "--profile", "bench", "--profile", "serve", "ps", "-q", service
+        ).split()
         if not found:
             raise BenchError(f"service {service} is not running")
         return found[0]

@@ -1,18 +1,19 @@
 -- wrk script for scripts/benchmark: one MLflow REST call per request, keep-alive as the
 -- MLflow client does, and every answer counted by status so no non-2xx can hide.
 --
--- Arguments (after "--"): KIND [RUN_ID]
+-- Arguments (after "--"): KIND [RUN_ID] [BODY]
 --   metric   POST runs/log-metric, one new point per request
 --   batch    POST runs/log-batch, 100 new points per request
 --   search   POST runs/search in experiment RUN_ID's place: the experiment id
 --   list     GET experiments/search
+--   predict  POST BODY (a model's input as JSON) to the path given in RUN_ID's place
 -- Headers (Authorization, Connection: close) come from wrk's -H options.
 --
 -- Metric points differ in step and value on every request: MLflow stores a repeated
 -- (key, timestamp, step, value) through a slower duplicate-recovery path, which a real
 -- client never takes.
 
-local kind, target
+local kind, target, body
 local counter = 0
 local base_ms = 0
 statuses = {}  -- global: done() reads it from each thread with thread:get
@@ -24,7 +25,7 @@ function setup(thread)
 end
 
 function init(args)
-   kind, target = args[1], args[2]
+   kind, target, body = args[1], args[2], args[3]
    base_ms = os.time() * 1000
    math.randomseed(os.time() + (thread_id or 0) * 7919)
    wrk.headers["Content-Type"] = "application/json"
@@ -32,6 +33,10 @@ function init(args)
       wrk.method = "GET"
       wrk.path = "/api/2.0/mlflow/experiments/search?max_results=100"
       wrk.headers["Content-Type"] = nil
+   elseif kind == "predict" then
+      wrk.method = "POST"
+      wrk.path = target
+      wrk.body = body
    elseif kind == "search" then
       wrk.method = "POST"
       wrk.path = "/api/2.0/mlflow/runs/search"

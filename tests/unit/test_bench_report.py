@@ -99,3 +99,108 @@ def test_render_fresh_logins_slow_or_refused_fail_fast_pass():
     assert goals["fresh-login-under-16-conn-flood"] is False
     headers = {variant_header("u", "p", v) for v in range(1, 32)}
     assert len(headers) == 31 and all(h.lower().startswith("basic ") for h in headers)
+
+
+def _serving_report(auth, noauth, direct_ka, direct_close, p50s=None) -> Report:
+    """One serving cell at 1 connection; ``p50s`` per path (default 10 ms everywhere)."""
+    report = Report(ops=[], levels=[1], reps=len(auth), quick=False)
+    p50s = p50s or {}
+    paths = {
+        "serve-auth": auth,
+        "serve-noauth": noauth,
+        "serve-direct-ka": direct_ka,
+        "serve-direct-close": direct_close,
+    }
+    for path, rates in paths.items():
+        report.serving[("predict-5", 1, path)] = [_run(r, p50s.get(path, 10.0)) for r in rates]
+    report.serving_reps = len(auth)
+    return report
+
+
+def test_serving_cell_compares_with_the_better_direct_mode_per_repetition():
+    report = _serving_report([90] * 3, [95] * 3, [100, 100, 80], [50] * 3)
+    cell = report.serving_cell("predict-5", 1)
+    assert cell["mode"] == "ka"
+    assert cell["vs_direct"] == 0.9  # median of 90/100, 90/100, 90/80
+    assert cell["vs_noauth"] == 90 / 95
+
+
+def test_render_serving_goals_throughput_and_added_latency():
+    slow = _serving_report(
+        [85] * 3,
+        [100] * 3,
+        [100] * 3,
+        [1] * 3,
+        {"serve-auth": 11.5, "serve-direct-ka": 10.0},
+    )
+    assert not _goal(slow, "serving-vs-direct").ok
+    added = _goal(slow, "serving-added-latency-1-connection")
+    assert not added.ok and added.measured.startswith("+1.50 ms")
+
+    fine = _serving_report(
+        [92] * 3, [100] * 3, [1] * 3, [100] * 3, {"serve-auth": 10.8, "serve-direct-close": 10.0}
+    )
+    assert _goal(fine, "serving-vs-direct").ok
+    assert _goal(fine, "serving-added-latency-1-connection").ok
+    assert _goal(fine, "serving-no-non-2xx").ok
+    assert "predict-5" in fine.render() and "serving" in fine.as_json()
+
+
+def test_render_serving_a_failed_prediction_fails_the_goal():
+    report = _serving_report([100] * 3, [100] * 3, [100] * 3, [1] * 3)
+    report.serving[("predict-5", 1, "serve-direct-close")][0].statuses[503] = 1
+    assert not _goal(report, "serving-no-non-2xx").ok
+
+
+def test_serving_processes_are_named_by_role_and_summed_in_the_report():
+    from stackbench.serving import Start, parse_processes
+
+    out = "\n".join(
+        [
+            "1\t700\t700\t/sbin/docker-init -- python /opt/mlflow-stack/serving.py run",
+            "7\t16000\t16500\tpython /opt/mlflow-stack/serving.py run",
+            "41\t260000\t262000\t/usr/local/bin/python /opt/mlflow-stack/serving.py score "
+            "/tmp/serving/models/iris-x 3 5",
+            "99\t3000\t3000\t/bin/bash /opt/mlflow-stack/serving-health.sh",
+        ]
+    )
+    found = parse_processes(out)
+    assert [p.role for p in found] == ["init", "supervisor", "scorer", "health check"]
+    assert found[2].rss == 260000 * 1024 and found[2].peak == 262000 * 1024
+
+    report = Report(ops=[], levels=[1], reps=1, quick=True)
+    report.serving_processes["loaded, idle"] = found
+    report.serving_container["loaded, idle"] = 200 * 2**20
+    report.serving_starts = [Start(1.5, 9.0, 20), Start(1.2, 7.0, 15), Start(1.4, 8.0, 18)]
+    text = report.render()
+    assert "253.9 (255.9)" in text and "15.6 (16.1)" in text and "200.0" in text
+    assert "after 8.0 s (median; each: 9.0 7.0 8.0 s)" in text
+
+
+def test_parse_args_only_and_skip_choose_sections_in_their_order():
+    import pytest
+    from stackbench.cli import SECTIONS, parse_args
+
+    assert parse_args([]).sections == list(SECTIONS)
+    assert parse_args(["--only", "serving"]).sections == ["serving"]
+    assert parse_args(["--only", "serving,matrix"]).sections == ["matrix", "serving"]
+    assert "serving" not in parse_args(["--skip", "serving"]).sections
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "servng"])
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "serving", "--skip", "serving"])
+
+
+def test_prediction_command_posts_the_body_to_the_path_without_empty_credentials(monkeypatch):
+    import json
+
+    from stackbench import load
+
+    monkeypatch.setattr(load, "wrk_binary", lambda: "wrk")
+    target = load.Target(18524, "", "", "", close=True, path="/invocations")
+    command = load._command(target, "predict", 4, 1)
+    assert command[-4:-1] == ["--", "predict", "/invocations"]
+    body = json.loads(command[-1])["dataframe_split"]
+    assert len(body["data"]) == 5 and body["columns"] == list(load.IRIS_COLUMNS)
+    assert not any(arg.startswith("Authorization") for arg in command)
+    assert "Connection: close" in command
