@@ -110,6 +110,22 @@ render_proxy_secret() {
     )
 }
 
+# The serving profile's own secret (made by init when SERVE_MODELS is set): nginx sends it with
+# every prediction, and the scoring processes refuse requests without it (server/serving.py).
+# Missing (no serving): a value no scoring process accepts.
+render_serving_secret() {
+    secret=$(cat "${SERVING_SECRET_FILE:-/var/lib/mlflow-serving/serving-secret}" 2>/dev/null || true)
+    if ! printf '%s' "$secret" | grep -Eq '^[0-9a-f]{64}$'; then
+        secret=missing
+    fi
+    (
+        umask 077
+        # shellcheck disable=SC2016  # $pid is nginx's variable
+        printf 'map $pid $serving_proxy_secret {\n    default "%s";\n}\n' "$secret" \
+            > /etc/nginx/private/serving-secret.conf
+    )
+}
+
 # nginx's size syntax: a number with an optional k or m (g is refused: bodies held in memory).
 check_request_body_limit() {
     if ! printf '%s\n' "${REQUEST_BODY_LIMIT:-}" | grep -Eq '^[1-9][0-9]{0,8}[kKmM]?$'; then
@@ -124,6 +140,7 @@ check_serve_models
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
 render_serving_map > /etc/nginx/conf.d/01-serving.conf
 render_proxy_secret
+render_serving_secret
 
 # Only our variables are substituted, so nginx's own $variables survive.
 # shellcheck disable=SC2016  # envsubst wants the names literally

@@ -24,6 +24,9 @@ Contract (the ``serving`` service of the ``serve`` compose profile runs ``servin
   answers 503 at once, never a hang, and this container's log says why. The supervisor
   retries with backoff, so a model registered after the start is served once it exists, and
   a scoring process that dies is replaced.
+- A scoring process answers only requests that carry the serving secret (nginx sends it after
+  the login; ``stackctl bootstrap`` makes it), so a process on the Docker host that reaches
+  this container's address predicts nothing; its health probe (GET /ping) needs none.
 - ``serving.py status`` and ``rollout`` reach the supervisor over a unix socket that only
   this container's user can open. Model names are checked before they are used in a path, a
   log line or an answer.
@@ -388,6 +391,46 @@ def fetch_model(reference: str, target: str) -> int:
     return 0
 
 
+def require_serving_secret(app, secret: bytes):
+    """ASGI wrapper: only requests that carry the serving secret (nginx's, after the login)
+    reach the scoring app; the container's own health probe (GET /ping, /health) needs none.
+    No secret configured: everything else is refused (fail closed)."""
+    import hmac
+
+    async def guarded(scope, receive, send):
+        if scope["type"] == "http":
+            sent = dict(scope["headers"]).get(b"x-serving-secret", b"")
+            probe = scope["method"] in ("GET", "HEAD") and scope["path"] in ("/ping", "/health")
+            if not probe and not (secret and hmac.compare_digest(sent, secret)):
+                body = b'{"error_code": "PERMISSION_DENIED", "message": "Not from the proxy."}'
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+            headers = [(k, v) for k, v in scope["headers"] if k != b"x-serving-secret"]
+            scope = {**scope, "headers": headers}
+        await app(scope, receive, send)
+
+    return guarded
+
+
+def _serving_secret() -> bytes:
+    path = Path(os.environ.get("SERVING_SECRET_FILE", "/var/lib/mlflow-serving/serving-secret"))
+    try:
+        secret = path.read_bytes().strip()
+    except OSError:
+        secret = b""
+    if not re.fullmatch(rb"[0-9a-f]{64}", secret):
+        print(f"serving: no serving secret in {path}: every prediction is refused", flush=True)
+        return b""
+    return secret
+
+
 def score(model_dir: str, fd: int, ready_fd: int) -> int:
     """Load the model with MLflow's scoring app, say "ready", then serve on the inherited
     socket until SIGTERM, draining (see DrainingServer)."""
@@ -410,14 +453,17 @@ def score(model_dir: str, fd: int, ready_fd: int) -> int:
                 await asyncio.sleep(0.05)
             await super().shutdown(sockets)
 
+    secret = _serving_secret()
     os.environ[scoring_server._SERVER_MODEL_PATH] = model_dir
+    # What `uvicorn mlflow.pyfunc.scoring_server.app:app` imports: the app, model loaded.
+    from mlflow.pyfunc.scoring_server.app import app
+
     config = uvicorn.Config(
-        "mlflow.pyfunc.scoring_server.app:app",
+        require_serving_secret(app, secret),
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=int(STOP_TIMEOUT),
     )
-    config.load()  # imports the app, which loads the model
     with os.fdopen(ready_fd, "wb") as ready:
         ready.write(b"ready\n")
     DrainingServer(config).run(sockets=[socket.socket(fileno=fd)])

@@ -6,7 +6,12 @@ Contract: ``keep_serving_token(store, directory, wanted)``:
   role ``viewer`` and no expiry whose secret is ``directory/token`` (mode 0600); a missing or
   malformed file gets a fresh secret, and a token of that name with another secret or role is
   replaced. Nothing changes when all of that already holds (every ``up`` runs init).
-- not ``wanted``: that token and the file are removed, so no credential lies around unused.
+- ``wanted`` also leaves ``directory/serving-secret`` (64 hex characters, 0600, never replaced
+  once made): nginx sends it with every prediction and the scoring processes refuse requests
+  without it, so a process on the Docker host that reaches the serving container's bridge
+  address predicts nothing without a login. It is not the stack's proxy secret, which would let
+  a model (code) speak to the server as anyone: this one opens only the scoring processes.
+- not ``wanted``: the token and both files are removed, so no credential lies around unused.
 - Returns one line saying what changed, or "" when nothing did. A user already named
   ``serving`` is not touched: BundleError says so (the serving container then cannot fetch).
 
@@ -14,10 +19,11 @@ Why a viewer token: the serving container runs models, which are code; with this
 read what any viewer can and change nothing (server/serving.py). The secret is printed nowhere.
 """
 
+import secrets
 from pathlib import Path
 
 from mlflowstack.ensure import converge_token
-from mlflowstack.files import SECRET_MODE, write_atomic
+from mlflowstack.files import SECRET_MODE, create_file, write_atomic
 from mlflowstack.users import (
     BundleError,
     UserStore,
@@ -28,6 +34,7 @@ from mlflowstack.users import (
 
 SERVING_TOKEN_NAME = "serving"
 SERVING_TOKEN_FILE = "token"
+SERVING_SECRET_FILE = "serving-secret"
 
 
 def _read_secret(path: Path) -> str | None:
@@ -41,11 +48,14 @@ def _read_secret(path: Path) -> str | None:
 
 def keep_serving_token(store: UserStore, directory: Path, wanted: bool) -> str:
     path = Path(directory) / SERVING_TOKEN_FILE
+    secret_path = Path(directory) / SERVING_SECRET_FILE
     if not wanted:
         changes = converge_token(store, SERVING_TOKEN_NAME, "viewer", "absent", None, None)
-        existed = path.exists()
+        existed = path.exists() or secret_path.exists()
         path.unlink(missing_ok=True)
+        secret_path.unlink(missing_ok=True)
         return "removed the serving token (SERVE_MODELS is empty)" if changes or existed else ""
+    made_secret = create_file(secret_path, (secrets.token_hex(32) + "\n").encode(), SECRET_MODE)
     secret = _read_secret(path)
     fresh = secret is None
     if fresh:
@@ -54,7 +64,7 @@ def keep_serving_token(store: UserStore, directory: Path, wanted: bool) -> str:
         mine = [t for t in store.load_tokens().values() if t.name == SERVING_TOKEN_NAME]
         held = [(t.digest, t.role, t.expires) for t in mine]
         if held == [(token_digest(secret), "viewer", None)]:
-            return ""
+            return "created the serving proxy secret" if made_secret else ""
     try:
         changes = converge_token(store, SERVING_TOKEN_NAME, "viewer", "present", secret, None)
     except BundleError as error:

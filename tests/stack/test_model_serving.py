@@ -183,7 +183,8 @@ def test_serving_token_is_a_viewer_token_held_only_by_serving(stack, served):
     assert tokens["serving"]["role"] == "viewer"
     serving_environment = stack.compose("exec", "-T", "serving", "env")
     assert "MLFLOW_TRACKING_TOKEN" not in serving_environment
-    assert "proxy-secret" not in stack.compose("exec", "-T", "serving", "ls", "-R", "/var/lib")
+    files = stack.compose("exec", "-T", "serving", "ls", "-R", "/var/lib")
+    assert "proxy-secret" not in files and "serving-secret" in files
 
 
 def test_rollout_moves_to_new_alias_target_without_a_failed_request(stack, editor, served):
@@ -234,3 +235,20 @@ def test_rollout_moves_to_new_alias_target_without_a_failed_request(stack, edito
     )
     served_versions = {s["model"]: s["version"] for s in json.loads(status.splitlines()[0])}
     assert served_versions[name] == served["other"]
+
+
+def test_scoring_process_reached_directly_predicts_nothing(stack, served):
+    """A process on the Docker host reaches the serving container's bridge address, but not
+    the login: the scoring process wants nginx's serving secret."""
+    address = stack.container_ip("serving")
+    direct = f"http://{address}:5100"
+    answer = requests.post(direct + "/invocations", json=dataframe_split(FIVE_ROWS), timeout=5)
+    assert answer.status_code == 403 and "predictions" not in answer.text
+    forged = requests.post(
+        direct + "/invocations",
+        json=dataframe_split(FIVE_ROWS),
+        headers={"X-Serving-Secret": "0" * 64},
+        timeout=5,
+    )
+    assert forged.status_code == 403
+    assert requests.get(direct + "/ping", timeout=5).status_code == 200

@@ -303,3 +303,66 @@ def test_control_socket_only_for_its_owner(supervisor):
     supervisor.start("iris@production")
     mode = (supervisor.directory / "control.sock").stat().st_mode & 0o777
     assert mode & 0o077 == 0
+
+
+# --- The scoring process's own check: only nginx's requests ------------------------------
+
+
+def call(app, method: str, path: str, headers: dict[str, str]) -> tuple[int, list]:
+    """One request through an ASGI app; its status."""
+    import asyncio
+
+    seen, sent = [], []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], seen
+
+
+SECRET = "ab" * 32
+
+
+def guarded(secret: bytes = SECRET.encode()):
+    async def inner(scope, receive, send):
+        inner.seen = scope["headers"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    inner.seen = None
+    return serving.require_serving_secret(inner, secret), inner
+
+
+def test_require_serving_secret_right_secret_passes_and_header_removed():
+    app, inner = guarded()
+    status, _ = call(app, "POST", "/invocations", {"X-Serving-Secret": SECRET})
+    assert status == 200
+    assert all(name != b"x-serving-secret" for name, _ in inner.seen)
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-Serving-Secret": "ab" * 31}, {"X-Other": SECRET}])
+def test_require_serving_secret_missing_or_wrong_refused(headers):
+    app, inner = guarded()
+    assert call(app, "POST", "/invocations", headers)[0] == 403
+    assert inner.seen is None
+
+
+def test_require_serving_secret_health_probe_needs_none():
+    app, _ = guarded()
+    assert call(app, "GET", "/ping", {})[0] == 200
+    assert call(app, "POST", "/ping", {})[0] == 403
+
+
+def test_require_serving_secret_none_configured_refuses_even_empty_header():
+    app, _ = guarded(b"")
+    assert call(app, "POST", "/invocations", {"X-Serving-Secret": ""})[0] == 403

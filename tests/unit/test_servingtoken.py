@@ -1,5 +1,6 @@
 """The serving profile's viewer token, as bootstrap keeps it (mlflowstack/servingtoken.py)."""
 
+import re
 import stat
 
 import pytest
@@ -61,10 +62,21 @@ def test_keep_serving_token_role_changed_by_hand_is_reset_to_viewer(store, tmp_p
     assert [t.role for t in serving_tokens(store)] == ["viewer"]
 
 
-def test_keep_serving_token_not_wanted_removes_token_and_file(store, tmp_path):
+def test_keep_serving_token_wanted_makes_serving_secret_once(store, tmp_path):
+    keep_serving_token(store, tmp_path, wanted=True)
+    secret = (tmp_path / "serving-secret").read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}\n", secret)
+    assert stat.S_IMODE((tmp_path / "serving-secret").stat().st_mode) == 0o600
+    (tmp_path / "token").unlink()
+    keep_serving_token(store, tmp_path, wanted=True)
+    assert (tmp_path / "serving-secret").read_text() == secret
+
+
+def test_keep_serving_token_not_wanted_removes_token_and_files(store, tmp_path):
     keep_serving_token(store, tmp_path, wanted=True)
     said = keep_serving_token(store, tmp_path, wanted=False)
     assert serving_tokens(store) == [] and not (tmp_path / "token").exists()
+    assert not (tmp_path / "serving-secret").exists()
     assert "removed" in said
     assert keep_serving_token(store, tmp_path, wanted=False) == ""
 
