@@ -1,12 +1,13 @@
 """The UI in a real browser (Debian's Chromium driven by Playwright): it shows who is logged
 in, loads without refused calls, walks an editor through a run of the example project (runs,
-metric chart, artifact image, registry), tells a viewer why a write was refused, and a wrong
-host name gets a readable page. Screenshots go to test-output/ for a human to look at, one
-per step.
+metric chart, artifact image, registry), lets an editor create an experiment with
+PUBLIC_HOSTNAME set and empty, tells a viewer why a write was refused, and a wrong host name
+gets a readable page. Screenshots go to test-output/ for a human to look at, one per step.
 
 Every page records each answer >= 400 and each console error (``page.problems``); a test
 ends with none left but those it names as expected."""
 
+import os
 import shutil
 import struct
 import uuid
@@ -121,6 +122,34 @@ def unexpected(page, expected=frozenset()):
     return [problem for problem in page.problems if problem not in expected]
 
 
+def failed_load(status: int, url: str) -> set[str]:
+    """How one expected refusal shows in ``page.problems``: the answer and Chromium's console
+    line about it."""
+    reason = {403: "Forbidden", 404: "Not Found"}[status]
+    console = f"the server responded with a status of {status} ({reason})"
+    return {f"{status} {url}", f"console: Failed to load resource: {console} ({url})"}
+
+
+def name_check(base: str, name: str) -> set[str]:
+    """MLflow's create dialog asks whether the typed name is taken (GET get-by-name): a free
+    name gets MLflow's own 404 RESOURCE_DOES_NOT_EXIST. Expected; nothing else is."""
+    return failed_load(
+        404, f"{base}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name={name}"
+    )
+
+
+def create_experiment_in_ui(page, name, shot):
+    """Fill the experiment list's Create dialog and submit it; the dialog and the answer to
+    the create call. ``shot``: the screenshot's name for the filled dialog."""
+    page.get_by_role("button", name="Create").first.click(timeout=UI_WAIT)
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_placeholder("Input an experiment name").fill(name)
+    screenshot(page, shot)
+    with page.expect_response(lambda r: r.url.endswith("/mlflow/experiments/create")) as answer:
+        dialog.get_by_role("button", name="Create").click()
+    return dialog, answer.value
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:8]
     return struct.unpack(">II", data[16:24])
@@ -210,16 +239,55 @@ def test_ui_walkthrough_of_a_project_run(browser, stack, editor, project_run):
     page.context.close()
 
 
+def editor_creates_experiment(browser, stack, editor, base, shot):
+    """The editor creates an experiment in the UI at ``base``; it exists afterwards."""
+    name = f"ui-made-{uuid.uuid4().hex[:8]}"
+    page = open_page(browser, stack, editor, "/#/experiments", base=base)
+    _, response = create_experiment_in_ui(page, name, f"{shot}-dialog")
+    assert response.status == 200, response.text()
+    # A write from the page: MLflow's CORS and the server guard's Origin checks saw this.
+    assert response.request.headers.get("origin") == base
+    experiment_id = response.json()["experiment_id"]
+    # Its own page (MLflow opens the GenAI overview of a new experiment), loaded: no traces.
+    page.get_by_text(name, exact=True).first.wait_for(timeout=UI_WAIT)
+    page.get_by_text("No data available for the selected time range").first.wait_for(
+        timeout=UI_WAIT
+    )
+    screenshot(page, f"{shot}-created")
+    assert f"#/experiments/{experiment_id}/" in page.url
+    found = requests.get(
+        stack.url + "/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": name},
+        auth=editor,
+    )
+    assert found.status_code == 200, found.text
+    assert found.json()["experiment"]["experiment_id"] == experiment_id
+    assert unexpected(page, name_check(base, name)) == []
+    page.context.close()
+
+
+def test_ui_editor_creates_experiment(browser, stack, editor):
+    """With the test stack's PUBLIC_HOSTNAME (127.0.0.1:PORT,localhost)."""
+    editor_creates_experiment(browser, stack, editor, stack.url, "ui-create-listed-host")
+
+
 def test_ui_viewer_write_refusal_says_why(browser, stack, viewer):
+    name = f"viewer-may-not-{uuid.uuid4().hex[:8]}"
     page = open_page(browser, stack, viewer, "/#/experiments")
-    page.get_by_role("button", name="Create").first.click()
-    dialog = page.get_by_role("dialog")
-    dialog.get_by_placeholder("Input an experiment name").fill("viewer-may-not")
-    dialog.get_by_role("button", name="Create").click()
-    dialog.get_by_text("has the role 'viewer'").wait_for(timeout=15_000)
+    dialog, response = create_experiment_in_ui(page, name, "ui-viewer-create-dialog")
+    assert response.status == 403
+    dialog.get_by_text("has the role 'viewer'").wait_for(timeout=UI_WAIT)
     screenshot(page, "ui-viewer-refused")
     assert "needs the role 'editor'" in dialog.inner_text()
+    refused = failed_load(403, f"{stack.url}/ajax-api/2.0/mlflow/experiments/create")
+    assert unexpected(page, refused | name_check(stack.url, name)) == []
     page.context.close()
+    found = requests.get(
+        stack.url + "/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": name},
+        auth=viewer,
+    )
+    assert found.status_code == 404
 
 
 def test_browser_wrong_host_name_gets_readable_page(browser, stack):
@@ -231,3 +299,41 @@ def test_browser_wrong_host_name_gets_readable_page(browser, stack):
     screenshot(page, "ui-wrong-host")
     assert f"127.0.0.1:{PORT}" in page.inner_text("body")
     context.close()
+
+
+def host_refused(stack, host: str) -> bool:
+    """Whether nginx answers a request naming ``host`` with 421 (before any login)."""
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    return stack.raw(request.encode()) == 421
+
+
+@pytest.fixture
+def public_hostname(stack):
+    """A function that recreates nginx and the server of the running test stack with another
+    PUBLIC_HOSTNAME; after the test, they are recreated with the session's setting."""
+    recreate = ("up", "-d", "--wait", "--no-build", "nginx", "server")
+    saved = os.environ["PUBLIC_HOSTNAME"]  # compose reads the process environment
+
+    def apply(value: str) -> None:
+        os.environ["PUBLIC_HOSTNAME"] = value
+        stack.compose(*recreate)
+        for service in ("nginx", "server"):
+            seen = stack.compose("exec", "-T", service, "printenv", "PUBLIC_HOSTNAME")
+            assert seen.strip() == value, (service, seen)
+
+    try:
+        yield apply
+    finally:
+        if os.environ["PUBLIC_HOSTNAME"] != saved:
+            apply(saved)
+    assert host_refused(stack, f"wrong-name.test:{PORT}"), "the session's setting is back"
+
+
+def test_ui_editor_creates_experiment_with_any_host_name(browser, stack, editor, public_hostname):
+    """With PUBLIC_HOSTNAME empty (as on a fresh clone): from the usual address and from a
+    name no list holds."""
+    public_hostname("")
+    assert not host_refused(stack, f"wrong-name.test:{PORT}")
+    editor_creates_experiment(browser, stack, editor, stack.url, "ui-create-any-host")
+    other = f"http://wrong-name.test:{PORT}"
+    editor_creates_experiment(browser, stack, editor, other, "ui-create-any-host-other-name")
