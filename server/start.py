@@ -77,10 +77,16 @@ def security_environment(public_hostname: str, serving: bool = False) -> dict[st
         pattern_name = name.replace("[", "[[]", 1)
         for suffix in suffixes:
             hosts.append((pattern_name if "*" in suffix else name) + suffix)
-        # Origins are exact: another port of the same name is another site, which must not
-        # read with the browser's credentials (the page itself is same-origin, needs no CORS).
-        origin_suffix = f":{port}" if port else ""
-        origins += [f"http://{name}{origin_suffix}", f"https://{name}{origin_suffix}"]
+        # The stack's own page sends its origin with every write, and MLflow refuses a write
+        # whose origin is not listed: a name without a port is the stack's on any port, so its
+        # origin is too (a pattern, which MLflow's write check matches; its CORS answers, which
+        # would let another site read, match exact origins only). A page on another port of the
+        # same host is still refused by server/guard.py, whose origin must equal the Host.
+        for scheme in ("http", "https"):
+            if port:
+                origins.append(f"{scheme}://{name}:{port}")
+            else:
+                origins += [f"{scheme}://{name}", f"{scheme}://{pattern_name}:*"]
     return {
         "MLFLOW_SERVER_ALLOWED_HOSTS": ",".join(hosts),
         "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": ",".join(origins),

@@ -349,14 +349,6 @@ def test_ui_editor_creates_experiment_at_a_name_listed_with_its_port(
     editor_creates_experiment(browser, stack, editor, base, "ui-create-name-with-port")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="server/start.py gives a port-less PUBLIC_HOSTNAME entry the origins http://NAME "
-    "and https://NAME only; a page at http://NAME:PORT (any HTTP_PORT but 80) sends that "
-    "Origin, and MLflow answers POST /ajax-api/2.0/mlflow/experiments/create with 403 "
-    "'Cross-origin request blocked' (every write from the UI)",
-)
 def test_ui_editor_creates_experiment_at_a_name_listed_without_port(
     browser, stack, editor, public_hostname
 ):

@@ -11,7 +11,29 @@ def test_security_environment_host_without_port_matches_any_port():
     env = start.security_environment("mlflow.example.com")
     assert env["MLFLOW_SERVER_ALLOWED_HOSTS"] == "mlflow.example.com,mlflow.example.com:*"
     origins = env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"].split(",")
-    assert origins == ["http://mlflow.example.com", "https://mlflow.example.com"]
+    assert origins == [
+        "http://mlflow.example.com",
+        "http://mlflow.example.com:*",
+        "https://mlflow.example.com",
+        "https://mlflow.example.com:*",
+    ]
+
+
+def test_security_environment_port_less_name_ui_write_from_any_port_passes_mlflow_check():
+    from mlflow.server.security_utils import should_block_cors_request
+
+    origins = start.security_environment("box.example,[::1]")[
+        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"
+    ].split(",")
+    for origin in ("http://box.example:18080", "https://box.example", "http://[::1]:8080"):
+        assert not should_block_cors_request(origin, "POST", origins), origin
+    for origin in ("http://evil.example:18080", "http://box.example.evil:80", "http://[::2]:1"):
+        assert should_block_cors_request(origin, "POST", origins), origin
+
+
+def test_security_environment_name_with_port_origin_exact():
+    origins = start.security_environment("box:8080")["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"]
+    assert origins.split(",") == ["http://box:8080", "https://box:8080"]
 
 
 def test_security_environment_host_with_port_exact():
