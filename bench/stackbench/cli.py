@@ -302,15 +302,22 @@ def serve(stack: BenchStack, bench: Bench, report: Report, args: argparse.Namesp
 
     ports = stack.ports
 
-    def target(port, path, authorization="", close=False):
-        return Target(port, authorization, "", "", close, path)
+    def target(port, path, authorization="", close=False, headers=()):
+        return Target(port, authorization, "", "", close, path, headers)
 
+    secret = (serving.secret_header(stack),)
     targets = {
         "serve-auth": target(ports.edge, serving.EDGE_PATH, auth),
         "serve-noauth": target(ports.noauth, serving.EDGE_PATH),
-        "serve-direct-ka": target(ports.serving, serving.DIRECT_PATH),
-        "serve-direct-close": target(ports.serving, serving.DIRECT_PATH, close=True),
+        "serve-direct-ka": target(ports.serving, serving.DIRECT_PATH, headers=secret),
+        "serve-direct-close": target(
+            ports.serving, serving.DIRECT_PATH, close=True, headers=secret
+        ),
     }
+    for name, found in targets.items():  # every path answers before any is measured
+        status, answer = serving.predict(found.port, found.path, found.authorization, found.headers)
+        if status != 200:
+            raise BenchError(f"serving: {name} (port {found.port}) answers {status}: {answer}")
     cell = Bench(
         targets,
         stack_cpu=lambda: stack.cpu_ns((*STACK, SERVING)),

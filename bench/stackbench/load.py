@@ -71,6 +71,7 @@ class Target:
     run_id: str
     close: bool = False  # one connection per request ("Connection: close")
     path: str = ""  # the URL path of a prediction (kind "predict")
+    headers: tuple[str, ...] = ()  # more request headers, "Name: value"
 
 
 @dataclasses.dataclass
@@ -114,6 +115,8 @@ def _command(
         command += ["-H", f"Authorization: {authorization or target.authorization}"]
     if target.close:
         command += ["-H", "Connection: close"]
+    for header in target.headers:
+        command += ["-H", header]
     return [*command, f"http://127.0.0.1:{target.port}", "--", kind, *arguments]
 
 

@@ -25,7 +25,8 @@ STACK_PATHS = ("auth", "noauth", "direct-ka", "direct-close")
 BASELINE_PATHS = ("basic-ka", "basic-close")
 PATHS = STACK_PATHS + BASELINE_PATHS
 # The served model (serve profile): through nginx and the gate; the same nginx without the
-# login; the scoring process's own port, keep-alive and a connection per request.
+# login; the scoring process's own port (with the serving secret nginx would add), keep-alive
+# and a connection per request.
 SERVING_PATHS = ("serve-auth", "serve-noauth", "serve-direct-ka", "serve-direct-close")
 
 Results = dict[tuple[str, int, str], list[WrkResult]]

@@ -6,9 +6,10 @@ child process of the project's venv and registers it through nginx as the bench 
 editor), with the alias of ``MODEL`` (``python -m stackbench.serving register NAME ALIAS``
 prints one JSON line). ``start`` runs ``docker compose --profile serve up -d`` of the serving
 service and times it to the first 200 of a prediction through nginx and the gate; ``remove``
-stops and removes the service again (the model stays registered). ``processes`` reads, inside
-the serving container, every process's resident memory from /proc and names each by its role
-in server/serving.py (supervisor, scorer, ...).
+stops and removes the service again (the model stays registered). ``secret_header`` is the
+serving secret nginx adds to every prediction, which the scoring processes require.
+``processes`` reads, inside the serving container, every process's resident memory from /proc
+and names each by its role in server/serving.py (supervisor, scorer, ...).
 """
 
 import dataclasses
@@ -29,6 +30,7 @@ NAME = MODEL.split("@")[0]
 EDGE_PATH = f"/serving/{NAME}/invocations"  # through nginx (and the gate, on the edge)
 DIRECT_PATH = "/invocations"  # the scoring process's own
 START_TIMEOUT = 300.0  # seconds (serving.py's own load timeout)
+SECRET_FILE = "/var/lib/mlflow-serving/serving-secret"  # in the serving container
 
 # Inside the container (python of the server image): pid, RSS and peak RSS in KiB, command.
 _PROCESSES = r"""
@@ -101,19 +103,22 @@ def register(stack: BenchStack, alias_of: str = MODEL) -> str:
     return json.loads(lines[-1])["version"]
 
 
-def predict(port: int, path: str, authorization: str | None) -> int:
-    """One prediction; its status (0 when the connection failed)."""
+def predict(
+    port: int, path: str, authorization: str | None, more: tuple[str, ...] = ()
+) -> tuple[int, str]:
+    """One prediction: its status (0 when the connection failed) and the start of the answer.
+    ``more``: further headers, "Name: value"."""
     headers = {"Content-Type": "application/json"}
     if authorization:
         headers["Authorization"] = authorization
+    headers |= dict(header.split(": ", 1) for header in more)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         connection.request("POST", path, body=PREDICTION_BODY, headers=headers)
         response = connection.getresponse()
-        response.read()
-        return response.status
-    except OSError:
-        return 0
+        return response.status, response.read()[:300].decode(errors="replace")
+    except OSError as error:
+        return 0, str(error)
     finally:
         connection.close()
 
@@ -127,12 +132,22 @@ def start(stack: BenchStack, authorization: str) -> Start:
     tries = 0
     while True:
         tries += 1
-        if predict(stack.ports.edge, EDGE_PATH, authorization) == 200:
+        if predict(stack.ports.edge, EDGE_PATH, authorization)[0] == 200:
             return Start(up_seconds, time.monotonic() - started, tries)
         if time.monotonic() - started > START_TIMEOUT:
             tail = stack.logs(SERVING, "10m")[-1500:]
             raise BenchError(f"no prediction within {START_TIMEOUT:.0f} s:\n{tail}")
         time.sleep(0.05)
+
+
+def secret_header(stack: BenchStack) -> str:
+    """The header nginx adds to every prediction (the serve profile's own secret, made by
+    init): the scoring processes refuse requests without it, so "direct" presents it, as the
+    matrix's direct path presents the proxy secret to the server."""
+    secret = stack.compose("exec", "-T", SERVING, "cat", SECRET_FILE).strip()
+    if not secret:
+        raise BenchError(f"no serving secret in {SECRET_FILE}")
+    return f"X-Serving-Secret: {secret}"
 
 
 def remove(stack: BenchStack) -> None:

@@ -67,6 +67,8 @@ def pick_ports(base: str | None) -> Ports:
     ports = [int(base) + i for i in range(count)]
     for port in ports:
         with socket.socket() as sock:
+            # As a server binds: connections of an earlier run in TIME_WAIT do not count.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError as error:

@@ -197,10 +197,10 @@ def test_prediction_command_posts_the_body_to_the_path_without_empty_credentials
     from stackbench import load
 
     monkeypatch.setattr(load, "wrk_binary", lambda: "wrk")
-    target = load.Target(18524, "", "", "", close=True, path="/invocations")
+    target = load.Target(18524, "", "", "", True, "/invocations", ("X-Serving-Secret: s",))
     command = load._command(target, "predict", 4, 1)
     assert command[-4:-1] == ["--", "predict", "/invocations"]
     body = json.loads(command[-1])["dataframe_split"]
     assert len(body["data"]) == 5 and body["columns"] == list(load.IRIS_COLUMNS)
     assert not any(arg.startswith("Authorization") for arg in command)
-    assert "Connection: close" in command
+    assert "Connection: close" in command and "X-Serving-Secret: s" in command
