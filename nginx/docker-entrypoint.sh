@@ -1,7 +1,9 @@
 #!/bin/sh
 # Render the site config, then run the command (nginx by default; "nginx -t" to check).
 # Like nginx's official image: /etc/nginx/templates/*.template -> /etc/nginx/conf.d/*.conf.
-set -eu
+# -f: settings are split into words below, and a word must never expand to file names
+# (SERVE_MODELS="[x]roc/1" would become "proc/1" after its check).
+set -euf
 
 # PUBLIC_HOSTNAME ("host[:port],...") -> a map of allowed Host headers. An entry without a
 # port allows that host on any port; unset allows any host (first start on a fresh clone).
@@ -43,15 +45,22 @@ serve_model_names() {
     printf '%s' "${SERVE_MODELS:-}" | tr ',' '\n' | tr -d ' \t' | grep -v '^$' | sed 's/[@/].*//' || true
 }
 
+# Each comma-separated entry (spaces around it allowed) must be NAME@ALIAS or NAME/VERSION, and
+# no name may repeat in any case (nginx's map compares names without regard to case).
 check_serve_models() {
-    for entry in $(printf '%s' "${SERVE_MODELS:-}" | tr ',' ' '); do
+    entries=$(printf '%s' "${SERVE_MODELS:-}" | tr ',' '\n' | sed 's/^[ \t]*//; s/[ \t]*$//' | grep -v '^$' || true)
+    for entry in $entries; do
         if ! printf '%s\n' "$entry" \
             | grep -Eq '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9_-]{1,255}|/[1-9][0-9]{0,9})$'; then
-            echo "docker-entrypoint: SERVE_MODELS: '$entry' is not NAME@ALIAS or NAME/VERSION" >&2
+            echo "docker-entrypoint: SERVE_MODELS: an entry is not NAME@ALIAS or NAME/VERSION" >&2
             return 1
         fi
     done
-    duplicate=$(serve_model_names | sort | uniq -d | head -n 1)
+    if [ -n "$entries" ] && [ "$(printf '%s\n' "$entries" | wc -l)" != "$(printf '%s\n' "$entries" | wc -w)" ]; then
+        echo "docker-entrypoint: SERVE_MODELS: an entry holds a space" >&2
+        return 1
+    fi
+    duplicate=$(serve_model_names | tr '[:upper:]' '[:lower:]' | sort | uniq -d | head -n 1)
     if [ -n "$duplicate" ]; then
         echo "docker-entrypoint: SERVE_MODELS: '$duplicate' is listed twice" >&2
         return 1
@@ -132,6 +141,10 @@ check_request_body_limit() {
         echo "docker-entrypoint: REQUEST_BODY_LIMIT: '${REQUEST_BODY_LIMIT:-}' is not a size such as 32m" >&2
         return 1
     fi
+    if ! printf '%s\n' "${SERVING_BODY_LIMIT:-}" | grep -Eq '^[1-9][0-9]{0,8}[kKmM]?$'; then
+        echo "docker-entrypoint: SERVING_BODY_LIMIT: '${SERVING_BODY_LIMIT:-}' is not a size such as 4m" >&2
+        return 1
+    fi
 }
 
 check_auth_cache_ttl
@@ -144,7 +157,8 @@ render_serving_secret
 
 # Only our variables are substituted, so nginx's own $variables survive.
 # shellcheck disable=SC2016  # envsubst wants the names literally
-variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL} ${REQUEST_BODY_LIMIT}'
+variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL} ${REQUEST_BODY_LIMIT} ${SERVING_BODY_LIMIT}'
+set +f  # the one glob of this script, over our own files
 for template in /etc/nginx/templates/*.template; do
     target="/etc/nginx/conf.d/$(basename "$template" .template)"
     envsubst "$variables" < "$template" > "$target"

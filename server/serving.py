@@ -95,7 +95,8 @@ def parse_serve_models(value: str) -> list[ModelSpec]:
                 f"SERVE_MODELS: {entry[:80]!r} is not NAME@ALIAS or NAME/VERSION (NAME: letters, "
                 "digits, '.', '_', '-', at most 64)"
             )
-        if any(spec.name == match["name"] for spec in specs):
+        # In any case: nginx's map of names (docker-entrypoint.sh) compares without case.
+        if any(spec.name.lower() == match["name"].lower() for spec in specs):
             raise ServingError(f"SERVE_MODELS: {match['name']!r} is listed twice")
         specs.append(
             ModelSpec(match["name"], match["alias"], match["version"], BASE_PORT + len(specs))
@@ -155,7 +156,8 @@ def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((BIND_ADDRESS, served.spec.port))
-        sock.listen(128)
+        # Not listening yet: until the scorer has loaded the model and listens itself,
+        # connections are refused (nginx: 503 at once) instead of waiting in a queue.
         served.sock = sock
     ready_read, ready_write = os.pipe()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}

@@ -4,7 +4,9 @@
 // error's text only when it comes in MLflow's own JSON shape ({"error_code", "message"}): the
 // client raises it as its exception's message and the UI puts it in its error banner.
 //
-// Contract (the named locations of templates/mlflow.conf.template call these):
+// Contract (js_set variables that the named locations of templates/mlflow.conf.template answer
+// with, by "return": a refusal never reads the request body, which js_content would first
+// buffer whole, to disk, for a client nobody has authenticated):
 // - API paths (/api/, /ajax-api/, /graphql, /v1/, /serving/, /invocations: what clients, the
 //   UI's scripts and prediction clients call) get
 //   MLflow's JSON error shape; every other path (a page a browser opens) gets plain text, and
@@ -35,20 +37,22 @@ function isApi(r) {
     return API_PATH.test(r.variables.uri || "");
 }
 
-function send(r, status, errorCode, message) {
-    if (isApi(r)) {
-        r.headersOut["Content-Type"] = "application/json";
-        r.return(status, JSON.stringify({ error_code: errorCode, message: message }) + "\n");
-    } else {
-        r.headersOut["Content-Type"] = "text/plain; charset=utf-8";
-        r.return(status, message + "\n");
-    }
+function contentType(r) {
+    return isApi(r) ? "application/json" : "text/plain; charset=utf-8";
+}
+
+function body(r, errorCode, message) {
+    return isApi(r) ? JSON.stringify({ error_code: errorCode, message: message }) + "\n"
+        : message + "\n";
+}
+
+// njs cannot hand auth_request the gate's challenge header itself; relayed by hand.
+function challenge(r) {
+    return r.variables.gate_challenge || 'Basic realm="MLflow"';
 }
 
 function unauthorized(r) {
-    // njs cannot hand auth_request the gate's challenge header itself; relayed by hand.
-    r.headersOut["WWW-Authenticate"] = r.variables.gate_challenge || 'Basic realm="MLflow"';
-    send(r, 401, "UNAUTHENTICATED",
+    return body(r, "UNAUTHENTICATED",
         "Authentication required: the user name and password (or API token) were missing " +
         "or not accepted. MLflow clients set MLFLOW_TRACKING_USERNAME and " +
         "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN.");
@@ -66,36 +70,38 @@ function permissionMessage(user, kind, role, needs) {
 }
 
 // The gate marks "too many bcrypt checks under way" as a 403 with a reason (auth_request
-// passes only 401/403 through); it becomes the 429 it really is.
+// passes only 401/403 through); @gate_refused makes it the 429 it really is, with
+// Retry-After and a tarpit (the answer trickles out over seconds, so a client that ignores
+// Retry-After, a password flood, sends a few requests per connection and second instead of
+// hundreds, each of which costs the gate ~1 ms of CPU: scripts/benchmark, the flood cell).
 function refused(r) {
     const v = r.variables;
     if (v.gate_reason === "busy") {
-        r.headersOut["Retry-After"] = "1";
-        // Tarpit: the answer trickles out over seconds, so a client that ignores Retry-After (a
-        // password flood) sends a few requests per connection and second instead of hundreds,
-        // each of which costs the gate ~1 ms of CPU (scripts/benchmark, the flood cell).
-        v.limit_rate = "64";
-        send(r, 429, "RESOURCE_EXHAUSTED",
+        return body(r, "RESOURCE_EXHAUSTED",
             "Too many login attempts from this address are in progress; retry in 1 second.");
-        return;
     }
-    send(r, 403, "PERMISSION_DENIED",
+    return body(r, "PERMISSION_DENIED",
         permissionMessage(v.gate_user, v.gate_kind, v.gate_role, v.gate_needs));
 }
 
-// A JSON call's body past REQUEST_BODY_LIMIT (artifact uploads have no limit).
+// A body past REQUEST_BODY_LIMIT (JSON calls; artifact uploads have no limit) or
+// SERVING_BODY_LIMIT (predictions).
 function tooLarge(r) {
-    send(r, 413, "RESOURCE_LIMIT_EXCEEDED",
+    if (/^\/(serving\/|invocations$)/.test(r.variables.uri || "")) {
+        return body(r, "RESOURCE_LIMIT_EXCEEDED",
+            "Request body too large: this server accepts at most " +
+            `${r.variables.serving_body_limit} for a prediction (SERVING_BODY_LIMIT in .env); ` +
+            "send fewer rows per request.");
+    }
+    return body(r, "RESOURCE_LIMIT_EXCEEDED",
         `Request body too large: this server accepts at most ${r.variables.body_limit} for ` +
-        "MLflow's JSON calls and predictions (REQUEST_BODY_LIMIT in .env); artifact uploads " +
-        "have no limit.");
+        "MLflow's JSON calls (REQUEST_BODY_LIMIT in .env); artifact uploads have no limit.");
 }
 
 // The serving location could not reach the model's scoring process: the serve profile is
 // not running, or the model has not loaded (yet). Never a hang: nginx finds out at once.
 function servingUnavailable(r) {
-    r.headersOut["Retry-After"] = "5";
-    send(r, 503, "TEMPORARILY_UNAVAILABLE",
+    return body(r, "TEMPORARILY_UNAVAILABLE",
         "This model is not being served right now: the serve profile is not running, or the " +
         "model has not loaded yet. The operator sees why in 'docker compose logs serving'.");
 }
@@ -107,23 +113,29 @@ function escapeHtml(text) {
 
 // A Host outside PUBLIC_HOSTNAME (DNS-rebinding defence): say which names this server answers
 // to. They are the names colleagues type, not secrets.
+function wantsHtml(r) {
+    return (r.headersIn.Accept || "").indexOf("text/html") >= 0;
+}
+
+function misdirectedType(r) {
+    return wantsHtml(r) ? "text/html; charset=utf-8" : "text/plain; charset=utf-8";
+}
+
 function misdirected(r) {
     const names = (r.variables.public_names || "").split(",").filter((name) => name);
     const listed = names.length ? names.join(", ") : "(none configured)";
-    const accept = r.headersIn.Accept || "";
-    if (accept.indexOf("text/html") >= 0) {
+    if (wantsHtml(r)) {
         const items = names.map((name) => `<li>${escapeHtml(name)}</li>`).join("");
-        r.headersOut["Content-Type"] = "text/html; charset=utf-8";
-        r.return(421, "<!doctype html><html><head><meta charset=\"utf-8\">" +
+        return "<!doctype html><html><head><meta charset=\"utf-8\">" +
             "<title>Wrong address for this MLflow</title></head><body>" +
             "<h1>Wrong address for this MLflow</h1>" +
             "<p>This server does not answer to the name in your address bar. " +
-            "It answers to:</p><ul>" + items + "</ul></body></html>\n");
-        return;
+            "It answers to:</p><ul>" + items + "</ul></body></html>\n";
     }
-    r.headersOut["Content-Type"] = "text/plain; charset=utf-8";
-    r.return(421, "Misdirected request: this server answers only to these names: " +
-        listed + "\n");
+    return "Misdirected request: this server answers only to these names: " + listed + "\n";
 }
 
-export default { unauthorized, refused, misdirected, tooLarge, servingUnavailable };
+export default {
+    contentType, challenge, unauthorized, refused, tooLarge, servingUnavailable,
+    misdirectedType, misdirected,
+};

@@ -140,12 +140,26 @@ def test_malformed_body_gets_mlflow_400_passed_through(stack, editor, served):
     assert "dataframe_split" in answer.json()["message"]
 
 
-def test_body_over_limit_refused_413_naming_the_limit(stack, editor, served):
-    big = b'{"inputs": "' + b"x" * (33 * 1024 * 1024) + b'"}'
+def test_body_over_serving_limit_refused_413_naming_the_limit(stack, editor, served):
+    """SERVING_BODY_LIMIT (4m): the scoring process holds a body several times over, so a
+    viewer's 32 MB body could make it run out of memory."""
+    big = b'{"inputs": "' + b"x" * (5 * 1024 * 1024) + b'"}'
     answer = requests.post(
         stack.url + PREDICT, auth=editor, data=big, headers={"Content-Type": "application/json"}
     )
-    assert answer.status_code == 413 and "REQUEST_BODY_LIMIT" in answer.json()["message"]
+    assert answer.status_code == 413 and "SERVING_BODY_LIMIT" in answer.json()["message"]
+    assert "4m" in answer.json()["message"]
+
+
+def test_prediction_answers_are_what_nginx_says_never_what_a_model_says(stack, editor, served):
+    """A model is code: whatever headers it sends, a browser gets JSON it will not render as a
+    page, run or frame, and no cookie (serving-proxy.conf)."""
+    answer = requests.post(stack.url + PREDICT, auth=editor, json=dataframe_split(FIVE_ROWS))
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in answer.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+    assert "Set-Cookie" not in answer.headers and "uvicorn" not in str(answer.headers)
 
 
 def test_name_not_served_gets_404_at_once_after_login(stack, editor, served):

@@ -1,6 +1,8 @@
 """Refusals say why: MLflow's JSON error shape on API paths (the client and the UI show its
 message), plain text on pages, and a 421 that names the server's names (nginx/njs/refusals.js)."""
 
+import socket
+
 import mlflow
 import pytest
 import requests
@@ -91,3 +93,26 @@ def test_json_body_past_limit_413_names_limit(stack, editor):
     assert (
         "32m" in response.json()["message"] and "REQUEST_BODY_LIMIT" in response.json()["message"]
     )
+
+
+def test_refusal_of_unauthenticated_upload_never_buffers_its_body(stack):
+    """A refusal answers without reading the body: nothing of a stranger's upload lands in
+    nginx's temporary files (js_content would buffer it whole, unbounded on upload paths)."""
+    address = stack.container_ip("nginx")
+    with socket.create_connection((address, 8080), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /api/2.0/mlflow-artifacts/artifacts/1/x.bin HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Length: 10000000000\r\n\r\n"
+        )
+        status_line = sock.recv(64)
+        try:
+            for _ in range(64):
+                sock.sendall(b"x" * (1024 * 1024))
+        except OSError:
+            pass  # nginx may close the connection: what matters is what it kept
+        open_bodies = stack.compose(
+            "exec", "-T", "nginx", "sh", "-c",
+            "ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c /var/lib/nginx/body || true",
+        )  # fmt: skip
+    assert status_line.startswith(b"HTTP/1.1 401")
+    assert open_bodies.strip() == "0"

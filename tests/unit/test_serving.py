@@ -55,9 +55,10 @@ def test_parse_serve_models_bad_entry_raises_one_line(value):
     assert "\n" not in str(error.value)
 
 
-def test_parse_serve_models_duplicate_name_raises():
+@pytest.mark.parametrize("value", ["iris@a,iris/2", "iris@a,IRIS@b"])
+def test_parse_serve_models_duplicate_name_in_any_case_raises(value):
     with pytest.raises(serving.ServingError, match="twice"):
-        serving.parse_serve_models("iris@a,iris/2")
+        serving.parse_serve_models(value)
 
 
 def test_parse_serve_models_too_many_raises():
@@ -106,6 +107,7 @@ def score(model_dir, fd, ready_fd):
     server = Server(("0.0.0.0", 0), Handler, bind_and_activate=False)
     server.socket.close()
     server.socket = socket.socket(fileno=fd)
+    server.socket.listen(128)  # as uvicorn does once the app has loaded
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     # Graceful like uvicorn: stop accepting, finish what was accepted.
