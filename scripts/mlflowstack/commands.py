@@ -69,9 +69,33 @@ def _compose(
     return completed.returncode
 
 
+def _build_auth_image_if_missing(args) -> None:
+    """Build the auth image as the ``auth`` service does, when it is missing. ``run`` would
+    build it as the ``stackctl`` service: another image (compose labels each with its service),
+    whose tag the first ``up`` takes away, leaving it behind untagged after ``down --rmi all``.
+    Never builds an image that exists (a shipped VM has no build context to spare)."""
+    command = ["docker", "compose", "--project-directory", str(_project_dir(args))]
+    try:
+        listed = subprocess.run(
+            [*command, "config", "--images"], capture_output=True, text=True, check=False
+        ).stdout.split()
+    except FileNotFoundError:
+        return  # _compose says that docker is missing
+    image = next((name for name in listed if name.endswith("-auth")), None)
+    missing = (
+        image
+        and subprocess.run(
+            ["docker", "image", "inspect", image], capture_output=True, check=False
+        ).returncode
+    )
+    if missing:
+        _compose(args, "build", "--quiet", "auth")
+
+
 def _in_auth_image(
     args, argv: list[str], stdin_text: str | None = None, json_stdout: bool = False
 ) -> int:
+    _build_auth_image_if_missing(args)
     return _compose(
         args,
         "run",
