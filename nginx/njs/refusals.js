@@ -65,8 +65,12 @@ function permissionMessage(user, kind, role, needs) {
         return `Permission denied: ${who} may not make this call.`;
     }
     const needed = NEEDED_ROLE[needs] || "This call needs another role";
+    // A token's role is fixed when it is made: an administrator makes another one.
+    const ask = kind === "token" ? "ask an administrator for a token with that role " +
+        "(scripts/stackctl token add NAME --role ROLE)" :
+        "ask an administrator (scripts/stackctl user role)";
     return `Permission denied: ${who} has the role '${role}', which ${scope}. ${needed}; ` +
-        "ask an administrator (scripts/stackctl user role).";
+        `${ask}.`;
 }
 
 // The gate marks "too many bcrypt checks under way" as a 403 with a reason (auth_request
