@@ -508,3 +508,26 @@ def test_serve_rollout_passes_checked_name_to_serving_container(monkeypatch):
             "rollout", "iris.v2", "--force",
         )
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("image_exists, built", [(True, False), (False, True)])
+def test_build_auth_image_if_missing_builds_as_auth_service_only_when_missing(
+    monkeypatch, image_exists, built
+):
+    import subprocess
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        if command[-2:] == ["config", "--images"]:
+            return subprocess.CompletedProcess(command, 0, "p-auth\np-auth\np-server\n")
+        return subprocess.CompletedProcess(command, 0 if image_exists else 1, b"")
+
+    monkeypatch.setattr(commands.subprocess, "run", fake_run)
+    commands._build_auth_image_if_missing(SimpleNamespace(project_dir="/bundle"))
+    assert calls[1] == ["docker", "image", "inspect", "p-auth"]
+    builds = [c for c in calls if "build" in c]
+    assert builds == ([["docker", "compose", "--project-directory", "/bundle", "build",
+                        "--quiet", "auth"]] if built else [])  # fmt: skip

@@ -298,6 +298,8 @@ def compose(monkeypatch):
         return subprocess.CompletedProcess(command, 0, noise if kwargs["stdout"] else None)
 
     monkeypatch.setattr(commands.subprocess, "run", fake_run)
+    # The image is there (its check is a docker call of its own: test_cli.py tests it).
+    monkeypatch.setattr(commands, "_build_auth_image_if_missing", lambda args: None)
     return calls
 
 
