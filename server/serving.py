@@ -151,7 +151,8 @@ def fetch(spec: ModelSpec) -> tuple[str, Path]:
 
 def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
     """Start a scoring process on the model's socket and wait until it has loaded the model.
-    Raises ServingError (the process stopped) if it exits or takes longer than LOAD_TIMEOUT."""
+    Raises ServingError (the process stopped, ``model_dir`` removed) if it exits or takes
+    longer than LOAD_TIMEOUT."""
     if served.sock is None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -180,6 +181,7 @@ def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
     except BaseException:
         process.kill()
         process.wait()
+        shutil.rmtree(model_dir, ignore_errors=True)
         raise
     return Scorer(version, process, model_dir)
 
@@ -213,11 +215,7 @@ def bring_up(served: Served, stopping: threading.Event) -> None:
                 return
             try:
                 version, model_dir = fetch(served.spec)
-                try:
-                    served.current = start_scorer(served, version, model_dir)
-                except BaseException:
-                    shutil.rmtree(model_dir, ignore_errors=True)
-                    raise
+                served.current = start_scorer(served, version, model_dir)
                 served.problem = ""
                 log.info("%s: serving version %s on port %s", served.spec.reference, version,
                          served.spec.port)  # fmt: skip
@@ -252,7 +250,6 @@ def rollout(served: Served, force: bool, say) -> bool:
         try:
             new = start_scorer(served, version, model_dir)
         except (ServingError, OSError) as error:
-            shutil.rmtree(model_dir, ignore_errors=True)
             say(f"error: {served.spec.reference}: {error}; still serving "
                 f"{'version ' + old.version if old else 'nothing'}")  # fmt: skip
             return False

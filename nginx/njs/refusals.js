@@ -20,6 +20,8 @@
 //   names the limit (REQUEST_BODY_LIMIT).
 
 const API_PATH = /^\/(api\/|ajax-api\/|graphql(\/|$)|v1\/|serving\/|invocations$)/;
+// Predictions (the serving locations of the site template), which have a limit of their own.
+const SERVING_PATH = /^\/(serving\/|invocations$)/;
 
 // What each role may do, and the role a refused access class needs.
 const ROLE_SCOPE = {
@@ -91,7 +93,7 @@ function refused(r) {
 // A body past REQUEST_BODY_LIMIT (JSON calls; artifact uploads have no limit) or
 // SERVING_BODY_LIMIT (predictions).
 function tooLarge(r) {
-    if (/^\/(serving\/|invocations$)/.test(r.variables.uri || "")) {
+    if (SERVING_PATH.test(r.variables.uri || "")) {
         return body(r, "RESOURCE_LIMIT_EXCEEDED",
             "Request body too large: this server accepts at most " +
             `${r.variables.serving_body_limit} for a prediction (SERVING_BODY_LIMIT in .env); ` +

@@ -310,11 +310,11 @@ def test_control_socket_only_for_its_owner(supervisor):
 # --- The scoring process's own check: only nginx's requests ------------------------------
 
 
-def call(app, method: str, path: str, headers: dict[str, str]) -> tuple[int, list]:
+def call(app, method: str, path: str, headers: dict[str, str]) -> int:
     """One request through an ASGI app; its status."""
     import asyncio
 
-    seen, sent = [], []
+    sent = []
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -329,7 +329,7 @@ def call(app, method: str, path: str, headers: dict[str, str]) -> tuple[int, lis
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }
     asyncio.run(app(scope, receive, send))
-    return sent[0]["status"], seen
+    return sent[0]["status"]
 
 
 SECRET = "ab" * 32
@@ -347,7 +347,7 @@ def guarded(secret: bytes = SECRET.encode()):
 
 def test_require_serving_secret_right_secret_passes_and_header_removed():
     app, inner = guarded()
-    status, _ = call(app, "POST", "/invocations", {"X-Serving-Secret": SECRET})
+    status = call(app, "POST", "/invocations", {"X-Serving-Secret": SECRET})
     assert status == 200
     assert all(name != b"x-serving-secret" for name, _ in inner.seen)
 
@@ -355,16 +355,16 @@ def test_require_serving_secret_right_secret_passes_and_header_removed():
 @pytest.mark.parametrize("headers", [{}, {"X-Serving-Secret": "ab" * 31}, {"X-Other": SECRET}])
 def test_require_serving_secret_missing_or_wrong_refused(headers):
     app, inner = guarded()
-    assert call(app, "POST", "/invocations", headers)[0] == 403
+    assert call(app, "POST", "/invocations", headers) == 403
     assert inner.seen is None
 
 
 def test_require_serving_secret_health_probe_needs_none():
     app, _ = guarded()
-    assert call(app, "GET", "/ping", {})[0] == 200
-    assert call(app, "POST", "/ping", {})[0] == 403
+    assert call(app, "GET", "/ping", {}) == 200
+    assert call(app, "POST", "/ping", {}) == 403
 
 
 def test_require_serving_secret_none_configured_refuses_even_empty_header():
     app, _ = guarded(b"")
-    assert call(app, "POST", "/invocations", {"X-Serving-Secret": ""})[0] == 403
+    assert call(app, "POST", "/invocations", {"X-Serving-Secret": ""}) == 403
