@@ -40,7 +40,7 @@ render_hosts_map() {
 }
 
 # SERVE_MODELS ("NAME@ALIAS,NAME/VERSION,..."; server/serving.py reads the same list with the
-# same rule) -> the model names, one a line, in order: model i listens on serving:5100+i.
+# same rule) -> the model names, one a line, in order (model i is model-i.sock, below).
 serve_model_names() {
     printf '%s' "${SERVE_MODELS:-}" | tr ',' '\n' | tr -d ' \t' | grep -v '^$' | sed 's/[@/].*//' || true
 }
@@ -67,22 +67,29 @@ check_serve_models() {
     fi
 }
 
-# /serving/NAME/... -> serving:PORT; a name not served goes to this nginx's own 404 answer.
-# The first model also answers /invocations, as in MLflow's docs.
+# /serving/NAME/... -> the model's upstream: its scorer's unix socket in the volume shared with
+# the serving container (model i at model-i.sock, as server/serving.py binds it), with kept-alive
+# connections. A socket that is missing or not listening is refused at once (nginx: 503). A name
+# not served goes to this nginx's own 404 answer. The first model also answers /invocations,
+# as in MLflow's docs.
 render_serving_map() {
-    # shellcheck disable=SC2016  # nginx's variables
-    echo 'map $serving_model $serving_backend {'
-    echo '    default 127.0.0.1:8091;'
-    port=5100
+    index=0
     first=''
     names=''
+    mapping=''
     for name in $(serve_model_names); do
-        echo "    \"$name\" serving:$port;"
-        port=$((port + 1))
+        printf 'upstream serving_model_%s {\n' "$index"
+        printf '    server unix:%s/model-%s.sock;\n' "${SERVING_SOCKET_DIR:-/run/mlflow-serving}" "$index"
+        # Per worker; closed by nginx before the scorer would (its keep-alive: 75 s).
+        printf '    keepalive 16;\n    keepalive_timeout 60s;\n}\n'
+        mapping="$mapping    \"$name\" serving_model_$index;
+"
+        index=$((index + 1))
         first=${first:-$name}
         names="${names:+$names, }$name"
     done
-    echo '}'
+    # shellcheck disable=SC2016  # nginx's variables
+    printf 'map $serving_model $serving_backend {\n    default 127.0.0.1:8091;\n%s}\n' "$mapping"
     # shellcheck disable=SC2016
     printf 'map $pid $serving_default_model {\n    default "%s";\n}\n' "$first"
     # shellcheck disable=SC2016

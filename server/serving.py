@@ -6,8 +6,10 @@ Contract (the ``serving`` service of the ``serve`` compose profile runs ``servin
 - ``SERVE_MODELS`` lists the models: comma-separated ``NAME@ALIAS`` or ``NAME/VERSION``
   (``iris@production,churn@champion``). NAME is what clients put in ``/serving/NAME/...``:
   letters, digits, ``.``, ``_``, ``-`` (1-64, starting with a letter or digit); nginx renders
-  its routes from the same variable with the same rule (``docker-entrypoint.sh``), and model
-  *i* (from 0) listens on port ``5100 + i``. A bad list stops the container with one line.
+  its routes from the same variable with the same rule (``docker-entrypoint.sh``). Model *i*
+  (from 0) listens on port ``5100 + i`` (health probe, benchmark) and on the unix socket
+  ``SOCKET_DIR/model-i.sock``, which nginx reaches through a volume only it and this container
+  mount, with kept-alive connections. A bad list stops the container with one line.
 - Each model is fetched from the tracking server *through nginx* with the viewer token that
   ``stackctl bootstrap`` made for serving (``SERVING_TOKEN_FILE``). Why not the internal
   network: the server trusts whoever holds the proxy secret, and a model is code (a pickle)
@@ -15,11 +17,13 @@ Contract (the ``serving`` service of the ``serve`` compose profile runs ``servin
   and change nothing.
 - A model is answered by MLflow's own scoring app (``mlflow.pyfunc.scoring_server``, what
   ``mlflow models serve --env-manager local`` runs) under uvicorn, in a process of its own.
-- The supervisor owns each model's listening socket; a scoring process inherits it and
-  accepts on it only once its model has loaded. A rollout (``serving.py rollout NAME``) starts
-  the version the alias names now beside the old one, on the same socket, waits until it has
-  loaded, then stops the old one gracefully (it finishes what it accepted). Connections wait
-  in the one socket's queue meanwhile, so no request is refused, reset or failed.
+- The supervisor owns each model's listening sockets; a scoring process inherits them and
+  accepts on them only once its model has loaded. A rollout (``serving.py rollout NAME``)
+  starts the version the alias names now beside the old one, on the same sockets, waits until
+  it has loaded, then stops the old one gracefully (``DrainingServer``: it answers what it
+  accepted and closes kept-alive connections only between requests). Connections wait in the
+  sockets' queues meanwhile, so no request is refused or failed; a request that meets a kept
+  connection just as it closes is sent again by nginx on a new one (serving-proxy.conf).
 - While no process holds a model (it cannot be fetched or loaded), its port is closed: nginx
   answers 503 at once, never a hang, and this container's log says why. The supervisor
   retries with backoff, so a model registered after the start is served once it exists, and
@@ -58,6 +62,11 @@ LOAD_TIMEOUT = float(os.environ.get("SERVING_LOAD_TIMEOUT", "300"))
 STOP_TIMEOUT = float(os.environ.get("SERVING_STOP_TIMEOUT", "60"))
 MAX_BACKOFF = 30.0
 BIND_ADDRESS = os.environ.get("SERVING_BIND_ADDRESS", "0.0.0.0")
+# A tmpfs volume shared with nginx only (compose.yaml); nginx renders the same paths.
+SOCKET_DIR = Path(os.environ.get("SERVING_SOCKET_DIR", "/run/mlflow-serving"))
+# Longer than nginx keeps an idle connection (60 s), so that nginx, not the scorer, closes it:
+# a close from this side can cross a request that nginx is sending (then sent again).
+KEEP_ALIVE_SECONDS = 75
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _ENTRY = re.compile(
@@ -80,6 +89,11 @@ class ModelSpec:
     @property
     def reference(self) -> str:
         return f"{self.name}@{self.alias}" if self.alias else f"{self.name}/{self.version}"
+
+    @property
+    def socket_path(self) -> Path:
+        # By position, never by name: a name goes into no path.
+        return SOCKET_DIR / f"model-{self.port - BASE_PORT}.sock"
 
 
 def parse_serve_models(value: str) -> list[ModelSpec]:
@@ -121,7 +135,7 @@ class Scorer:
 @dataclass
 class Served:
     spec: ModelSpec
-    sock: socket.socket | None = None
+    sockets: list[socket.socket] = field(default_factory=list)
     current: Scorer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     problem: str = "starting"
@@ -149,22 +163,38 @@ def fetch(spec: ModelSpec) -> tuple[str, Path]:
     return result.stdout.strip().splitlines()[-1], target
 
 
+def open_sockets(spec: ModelSpec) -> list[socket.socket]:
+    """The model's TCP port and unix socket, bound but not listening: until a scorer has
+    loaded the model and listens itself, connections are refused (nginx: 503 at once) instead
+    of waiting in a queue."""
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((BIND_ADDRESS, spec.port))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        spec.socket_path.unlink(missing_ok=True)
+        unix.bind(str(spec.socket_path))
+        # nginx's workers run as another user; only nginx and this container mount the folder.
+        os.chmod(spec.socket_path, 0o666)
+    except OSError:
+        tcp.close()
+        unix.close()
+        raise
+    return [tcp, unix]
+
+
 def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
-    """Start a scoring process on the model's socket and wait until it has loaded the model.
+    """Start a scoring process on the model's sockets and wait until it has loaded the model.
     Raises ServingError (the process stopped, ``model_dir`` removed) if it exits or takes
     longer than LOAD_TIMEOUT."""
-    if served.sock is None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((BIND_ADDRESS, served.spec.port))
-        # Not listening yet: until the scorer has loaded the model and listens itself,
-        # connections are refused (nginx: 503 at once) instead of waiting in a queue.
-        served.sock = sock
+    if not served.sockets:
+        served.sockets = open_sockets(served.spec)
+    fds = [str(sock.fileno()) for sock in served.sockets]
     ready_read, ready_write = os.pipe()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     process = subprocess.Popen(
-        [*_self_command(), "score", str(model_dir), str(served.sock.fileno()), str(ready_write)],
-        pass_fds=(served.sock.fileno(), ready_write), env=env,
+        [*_self_command(), "score", str(model_dir), str(ready_write), *fds],
+        pass_fds=(*(sock.fileno() for sock in served.sockets), ready_write), env=env,
     )  # fmt: skip
     os.close(ready_write)
     try:
@@ -198,11 +228,13 @@ def stop_scorer(scorer: Scorer) -> None:
 
 
 def close_port(served: Served) -> None:
-    """No scorer left: close the socket, so that connections are refused (nginx: 503 at once)
-    instead of waiting in a queue nobody reads."""
-    if served.sock is not None:
-        served.sock.close()
-        served.sock = None
+    """No scorer left: close the sockets, so that connections are refused (nginx: 503 at
+    once) instead of waiting in a queue nobody reads."""
+    for sock in served.sockets:
+        sock.close()
+    if served.sockets:
+        served.spec.socket_path.unlink(missing_ok=True)
+    served.sockets = []
 
 
 def bring_up(served: Served, stopping: threading.Event) -> None:
@@ -308,6 +340,7 @@ def handle_control(connection: socket.socket, models: dict[str, Served]) -> None
 
 
 def supervise(specs: list[ModelSpec]) -> int:
+    SOCKET_DIR.mkdir(parents=True, exist_ok=True)
     models = {spec.name: Served(spec) for spec in specs}
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -430,27 +463,42 @@ def _serving_secret() -> bytes:
     return secret
 
 
-def score(model_dir: str, fd: int, ready_fd: int) -> int:
-    """Load the model with MLflow's scoring app, say "ready", then serve on the inherited
-    socket until SIGTERM, draining (see DrainingServer)."""
+def draining_server():
+    """uvicorn's Server, draining on SIGTERM without failing a request (the class is made here
+    so that the supervisor never imports uvicorn).
+
+    It stops accepting (the sockets stay open in the supervisor, so what arrives meanwhile
+    waits for the next process), then, until no connection is left: a connection that has had
+    a request is closed once its answer is sent (an idle kept-alive one at once; nginx sends a
+    request that crosses that close again, serving-proxy.conf); a connection that has had none
+    yet is left alone until its request is answered. uvicorn's own shutdown would close those
+    as idle, and a request on its way on a new connection is not sent again."""
     import asyncio
 
     import uvicorn
-    from mlflow.pyfunc import scoring_server
 
     class DrainingServer(uvicorn.Server):
-        """On SIGTERM, stop accepting, then wait until every accepted connection is done before
-        uvicorn's own shutdown: that closes idle connections, and a connection this process
-        accepted whose request is still on its way would be one. The socket stays open in the
-        supervisor, so whatever arrives meanwhile waits for the next process."""
-
         async def shutdown(self, sockets=None):
             for server in self.servers:
                 server.close()
             deadline = time.monotonic() + STOP_TIMEOUT
             while self.server_state.connections and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+                for connection in list(self.server_state.connections):
+                    closing = connection.transport.is_closing()
+                    if not closing and getattr(connection, "cycle", None) is not None:
+                        # uvicorn's graceful close: now if idle, else after this answer.
+                        connection.shutdown()
+                await asyncio.sleep(0.02)
             await super().shutdown(sockets)
+
+    return DrainingServer
+
+
+def score(model_dir: str, ready_fd: int, fds: list[int]) -> int:
+    """Load the model with MLflow's scoring app, say "ready", then serve on the inherited
+    sockets until SIGTERM, draining (see draining_server)."""
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
 
     secret = _serving_secret()
     os.environ[scoring_server._SERVER_MODEL_PATH] = model_dir
@@ -461,11 +509,12 @@ def score(model_dir: str, fd: int, ready_fd: int) -> int:
         require_serving_secret(app, secret),
         access_log=False,
         server_header=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=int(STOP_TIMEOUT),
     )
     with os.fdopen(ready_fd, "wb") as ready:
         ready.write(b"ready\n")
-    DrainingServer(config).run(sockets=[socket.socket(fileno=fd)])
+    draining_server()(config).run(sockets=[socket.socket(fileno=fd) for fd in fds])
     return 0
 
 
@@ -498,7 +547,7 @@ def main(argv: list[str]) -> int:
         if command == "fetch":
             return fetch_model(argv[1], argv[2])
         if command == "score":
-            return score(argv[1], int(argv[2]), int(argv[3]))
+            return score(argv[1], int(argv[2]), [int(fd) for fd in argv[3:]])
         if command == "status":
             return control_client({"command": "status"})
         if command == "rollout" and len(argv) >= 2:

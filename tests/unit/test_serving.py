@@ -86,7 +86,7 @@ def fetch(reference, target):
     print(version)
     return 0
 
-def score(model_dir, fd, ready_fd):
+def score(model_dir, ready_fd, fds):
     version = open(os.path.join(model_dir, "version")).read().strip()
     if version == "broken":
         print("cannot load the model", file=sys.stderr)
@@ -102,18 +102,30 @@ def score(model_dir, fd, ready_fd):
         do_GET = do_POST = _answer
         def log_message(self, *args):
             pass
+        def address_string(self):
+            return "-"
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = False  # server_close() waits for the requests it accepted
-    server = Server(("0.0.0.0", 0), Handler, bind_and_activate=False)
-    server.socket.close()
-    server.socket = socket.socket(fileno=fd)
-    server.socket.listen(128)  # as uvicorn does once the app has loaded
+    servers = []
+    for fd in fds:  # the TCP port and the unix socket
+        server = Server(("0.0.0.0", 0), Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = socket.socket(fileno=fd)
+        server.socket.listen(128)  # as uvicorn does once the app has loaded
+        servers.append(server)
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
+    threads = [threading.Thread(target=s.serve_forever, args=(0.05,)) for s in servers]
+    for thread in threads:
+        thread.start()
     # Graceful like uvicorn: stop accepting, finish what was accepted.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    server.serve_forever(poll_interval=0.05)
-    server.server_close()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    while not stopped.wait(0.05):  # (a wait without timeout may miss the signal)
+        pass
+    for server in servers:
+        server.shutdown()
+        server.server_close()
     return 0
 
 serving.fetch_model = fetch
@@ -147,6 +159,7 @@ def supervisor(tmp_path, monkeypatch):
         "SERVING_BASE_PORT": str(base),
         "SERVING_STOP_TIMEOUT": "10",
         "SERVING_BIND_ADDRESS": "127.0.0.1",
+        "SERVING_SOCKET_DIR": str(tmp_path / "sockets"),
     }
 
     class Supervisor:
@@ -179,6 +192,17 @@ def supervisor(tmp_path, monkeypatch):
             with urllib.request.urlopen(url, data=b"{}", timeout=timeout) as answer:
                 return answer.read().decode()
 
+        def get_unix(self, index: int = 0) -> str:
+            """A prediction on the model's unix socket (nginx's way in)."""
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(self.socket_path(index)))
+                sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+                return read_response(sock)[1].decode()
+
+        def socket_path(self, index: int = 0) -> Path:
+            return tmp_path / "sockets" / f"model-{index}.sock"
+
         def wait_serving(self, expected: str, port_offset: int = 0):
             deadline = time.monotonic() + 20
             while True:
@@ -195,6 +219,7 @@ def supervisor(tmp_path, monkeypatch):
     if supervisor.process:
         supervisor.process.terminate()
         supervisor.process.wait(20)
+        print(supervisor.process.stdout.read())  # shown when the test failed
 
 
 def test_supervise_serves_model_and_reports_status(supervisor):
@@ -211,6 +236,18 @@ def test_supervise_serves_model_and_reports_status(supervisor):
             "problem": "",
         }
     ]
+
+
+def test_supervise_unix_socket_serves_for_nginx_workers(supervisor):
+    supervisor.set_version("iris", "1")
+    supervisor.set_version("churn", "7")
+    supervisor.start("iris@production,churn/7")
+    supervisor.wait_serving("version 1")
+    supervisor.wait_serving("version 7", port_offset=1)
+    assert supervisor.get_unix(0) == "version 1"
+    assert supervisor.get_unix(1) == "version 7"
+    # nginx's workers run as another user than the scorers.
+    assert supervisor.socket_path(0).stat().st_mode & 0o777 == 0o666
 
 
 def test_rollout_under_load_fails_no_request(supervisor):
@@ -280,6 +317,8 @@ def test_supervise_model_missing_port_refused_at_once_then_served_once_registere
         supervisor.get(timeout=5)
     assert isinstance(error.value.reason, ConnectionRefusedError)
     assert time.monotonic() - started < 1
+    with pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+        supervisor.get_unix()
     status = json.loads(supervisor.command("status").stdout.splitlines()[0])
     assert "not found" in status[0]["problem"] and status[0]["version"] is None
     supervisor.set_version("iris", "4")
@@ -368,3 +407,95 @@ def test_require_serving_secret_health_probe_needs_none():
 def test_require_serving_secret_none_configured_refuses_even_empty_header():
     app, _ = guarded(b"")
     assert call(app, "POST", "/invocations", {"X-Serving-Secret": ""}) == 403
+
+
+# --- The scorer's drain with kept-alive connections (real uvicorn) ------------------------
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP answer with a Content-Length from a socket: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed before an answer: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.lower().splitlines()
+        if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed inside an answer")
+        body += chunk
+    return head, body
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])  # the image's, and uvicorn's fallback
+def test_draining_server_closes_kept_connections_only_between_requests(monkeypatch, http):
+    """nginx sends a request again when a kept connection closes under it, but not one on a
+    new connection: the drain closes idle kept connections at once, busy ones after their
+    answer, and leaves a connection that has not sent its request yet alone."""
+    import asyncio
+
+    monkeypatch.setattr(serving, "STOP_TIMEOUT", 10)
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    held = listener.dup()  # the supervisor's copy: the socket outlives the scorer's close
+    address = listener.getsockname()
+    config = uvicorn.Config(
+        app, http=http, lifespan="off", log_level="warning", timeout_keep_alive=75
+    )
+    server = serving.draining_server()(config)
+    runner = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
+    runner.start()
+    request = b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        idle, busy, fresh = (socket.create_connection(address) for _ in range(3))
+        idle.sendall(request % b"fast")
+        assert read_response(idle)[1] == b"ok"
+        busy.sendall(request % b"slow")
+        while len(server.server_state.connections) < 3:
+            time.sleep(0.02)
+
+        server.should_exit = True
+        assert closed_within(idle, 3), "an idle kept connection stays open"
+        assert not closed_within(fresh, 0.5), "a connection without its request yet was closed"
+        fresh.sendall(request % b"fast")
+        assert read_response(fresh)[1] == b"ok"
+        assert closed_within(fresh, 3)
+        assert runner.is_alive()  # the busy request is still being answered
+        release.set()
+        assert read_response(busy)[1] == b"ok"
+        assert closed_within(busy, 3)
+        runner.join(10)
+        assert not runner.is_alive()
+    finally:
+        release.set()
+        server.should_exit = True
+        runner.join(10)
+        held.close()
