@@ -24,6 +24,11 @@
 // - every question carries a fresh random nonce, and an answer that does not echo it is not
 //   an answer to this question (a desynchronised keep-alive connection to the gate): it is
 //   logged and refused, never granted, never remembered.
+//
+// The access log's "verdict" (nginx.conf): the answer of /_auth carries X-Gate-Verdict, set
+// here and never copied from the gate: "cached" (a remembered yes), "checked" (the gate said
+// yes), "refused" (the gate said no: 401, or 403 for the role), "throttled" (the gate's 403
+// "busy", which the site answers with 429), "error" (no usable answer, e.g. a missing nonce).
 
 const hashes = require("crypto");
 
@@ -82,6 +87,7 @@ async function authorize(r) {
             IDENTITY_HEADERS.forEach((name, i) => {
                 r.headersOut[name] = identity[i];
             });
+            r.headersOut["X-Gate-Verdict"] = "cached";
             r.return(204);
             return;
         }
@@ -92,6 +98,7 @@ async function authorize(r) {
     const reply = await r.subrequest("/_gate", { args: `nonce=${nonce}&path=${path}` });
     if (reply.headersOut["X-Gate-Nonce"] !== nonce) {
         r.error(`gate answered ${reply.status} without this request's nonce; refused`);
+        r.headersOut["X-Gate-Verdict"] = "error";
         r.return(502);
         return;
     }
@@ -107,7 +114,19 @@ async function authorize(r) {
     if (key !== null && reply.status >= 200 && reply.status < 300 && complete) {
         ngx.shared.gate_verdicts.set(key, identity.join(" "));
     }
+    r.headersOut["X-Gate-Verdict"] = verdictOf(reply);
     r.return(reply.status);
+}
+
+// What the access log calls the gate's answer (see the top of this file).
+function verdictOf(reply) {
+    if (reply.status >= 200 && reply.status < 300) {
+        return "checked";
+    }
+    if (reply.status === 403 && reply.headersOut["X-Gate-Reason"] === "busy") {
+        return "throttled";
+    }
+    return reply.status === 401 || reply.status === 403 ? "refused" : "error";
 }
 
 export default { authorize };

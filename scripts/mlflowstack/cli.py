@@ -8,7 +8,7 @@ errors, from argparse); nothing is written when a command fails.
 import argparse
 import sys
 
-from mlflowstack import commands, ensure, serve
+from mlflowstack import audit, commands, ensure, serve
 from mlflowstack.files import BundleError
 from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
 
@@ -136,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="reload even if that version is served already"
     )
     rollout.set_defaults(run=serve.serve_rollout)
+
+    auditing = sub.add_parser(
+        "audit",
+        help="who called which route when, from nginx's access log",
+        description="Requests from nginx's JSON access log (docker compose logs nginx): "
+        "time, user or token, method, path (never a query string or a body), status, "
+        "the gate's verdict. WHEN: an ISO time (UTC unless it has an offset) or a time "
+        "before now: 30m, 2h, 1d.",
+    )
+    auditing.add_argument("--since", metavar="WHEN", help="requests at or after WHEN")
+    auditing.add_argument("--until", metavar="WHEN", help="requests at or before WHEN")
+    auditing.add_argument("--user", metavar="NAME", help="only this user or token")
+    auditing.add_argument("--method", metavar="M", help="only this HTTP method")
+    auditing.add_argument("--path-contains", metavar="S", help="only paths containing S")
+    auditing.add_argument("--json", action="store_true", help="one JSON object per request")
+    auditing.set_defaults(run=audit.audit)
 
     config = sub.add_parser("config", help="render or check the settings").add_subparsers(
         dest="action", required=True, metavar="ACTION"
