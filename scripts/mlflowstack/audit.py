@@ -283,6 +283,10 @@ def read_nginx_log(args, filters: Filters) -> str:
     return completed.stdout.decode("utf-8", "replace")
 
 
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(UTC)
+
+
 def audit(args) -> int:
     """``stackctl audit``: 2 for bad input (one line on stderr), else 0 with the matching
     requests as a table (or JSON lines with ``--json``) on stdout."""
@@ -293,7 +297,7 @@ def audit(args) -> int:
             args.user,
             args.method,
             args.path_contains,
-            datetime.datetime.now(UTC),
+            _now(),
         )
     except AuditError as error:
         print(f"stackctl: audit: {error}", file=sys.stderr)
