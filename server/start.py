@@ -123,6 +123,41 @@ def telemetry_environment(value: str) -> dict[str, str]:
     return {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
+# MLflow's AI gateway encrypts the secrets it stores with a key derived from this passphrase
+# (mlflow/utils/crypto.py); unset, MLflow uses a value built into every copy of it. The init
+# service generates one per installation into the secrets volume (mlflowstack/stacksecrets.py).
+KEK_PASSPHRASE_VARIABLE = "MLFLOW_CRYPTO_KEK_PASSPHRASE"
+DEFAULT_KEK_PASSPHRASE_FILE = "/var/lib/mlflow-stack/secrets/mlflow-kek-passphrase"
+# MLflow asks for 32 characters or more; the init service writes 64 hex characters.
+_KEK_MIN_LENGTH = 32
+
+
+def kek_environment(env: dict[str, str]) -> dict[str, str]:
+    """MLflow's key-encryption passphrase, read from its file (``KEK_PASSPHRASE_FILE``, else
+    the secrets volume's): only the server's own process environment gets it, never the
+    container's settings, so ``docker inspect`` does not show it.
+
+    Raises SettingError when the file is missing, unreadable or too short: starting with
+    MLflow's built-in passphrase instead would encrypt new secrets under a public key, and a
+    later start with the real one could not decrypt them.
+    """
+    path = Path(env.get("KEK_PASSPHRASE_FILE") or DEFAULT_KEK_PASSPHRASE_FILE)
+    try:
+        passphrase = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not ASCII"
+        raise SettingError(
+            f"{path}: cannot read MLflow's key-encryption passphrase ({reason}); the init "
+            "service creates it in the secrets volume"
+        ) from None
+    if len(passphrase) < _KEK_MIN_LENGTH or any(c.isspace() for c in passphrase):
+        raise SettingError(
+            f"{path}: MLflow's key-encryption passphrase must be one word of at least "
+            f"{_KEK_MIN_LENGTH} characters"
+        )
+    return {KEK_PASSPHRASE_VARIABLE: passphrase}
+
+
 def job_execution_enabled(env: dict[str, str]) -> bool:
     """Whether to run MLflow's job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``)."""
     value = env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false").strip().lower()
@@ -183,7 +218,7 @@ def run_with_job_runner(env: dict[str, str]) -> int:
 
 def main() -> int:
     try:
-        env = server_environment(dict(os.environ))
+        env = {**server_environment(dict(os.environ)), **kek_environment(dict(os.environ))}
         with_jobs = job_execution_enabled(env)
     except (SettingError, KeyError) as error:
         print(f"start: {error}", file=sys.stderr)

@@ -4,18 +4,33 @@ Contract: ``ensure_proxy_secret(directory)`` leaves ``directory/proxy-secret`` h
 lower-case hex characters (256 random bits) and a newline, mode 0600, owned by the stack's
 uid (10001). It creates the file only when missing and never replaces it: nginx, the gate and
 the server read it at start, so a new value would need all three restarted.
+``ensure_kek_passphrase(directory)`` does the same for ``directory/mlflow-kek-passphrase``.
 
-Why: nginx sends it on every request to the gate and the server, which refuse requests
-without it (server/guard.py, mlflowstack/forwarded.py). A process on the Docker host that
-reaches their bridge addresses can therefore not skip the authentication in nginx.
+Why: nginx sends the proxy secret on every request to the gate and the server, which refuse
+requests without it (server/guard.py, mlflowstack/forwarded.py). A process on the Docker host
+that reaches their bridge addresses can therefore not skip the authentication in nginx.
+
+MLflow's AI gateway encrypts the secrets it stores (provider API keys) in the database with a
+key derived from ``MLFLOW_CRYPTO_KEK_PASSPHRASE``, whose default is a value built into MLflow:
+anyone with a copy of the database could decrypt them. server/start.py hands this file's
+passphrase to MLflow. Replacing it would make every stored secret undecryptable, so it is
+never replaced here; changing it means MLflow's own ``mlflow crypto rotate-kek`` with the
+server stopped, which the stack does not automate.
+
+Run as ``python -m mlflowstack.stacksecrets`` (the init service, before ``stackctl
+bootstrap``): creates whichever of these files is missing in ``SECRETS_DIR``, and says so
+without printing any value.
 """
 
+import os
 import secrets
+import sys
 from pathlib import Path
 
-from mlflowstack.files import SECRET_MODE, create_file
+from mlflowstack.files import SECRET_MODE, BundleError, create_file
 
 PROXY_SECRET_FILE = "proxy-secret"
+KEK_PASSPHRASE_FILE = "mlflow-kek-passphrase"
 
 
 def ensure_proxy_secret(directory: Path) -> bool:
@@ -28,3 +43,41 @@ def ensure_proxy_secret(directory: Path) -> bool:
 def read_proxy_secret(directory: Path) -> bytes:
     """The proxy secret as nginx sends it (no newline)."""
     return (directory / PROXY_SECRET_FILE).read_bytes().strip()
+
+
+def ensure_kek_passphrase(directory: Path) -> bool:
+    """Create MLflow's key-encryption passphrase if it is missing (256 random bits as 64 hex
+    characters, as MLflow asks for a high-entropy value of 32 characters or more); True when
+    this call created it. An existing file is never touched, whatever it holds."""
+    return create_file(
+        directory / KEK_PASSPHRASE_FILE, (secrets.token_hex(32) + "\n").encode(), SECRET_MODE
+    )
+
+
+def ensure_secrets(directory: Path) -> list[str]:
+    """Create every missing secret of the volume; the names of those this call created."""
+    made = []
+    if ensure_proxy_secret(directory):
+        made.append(PROXY_SECRET_FILE)
+    if ensure_kek_passphrase(directory):
+        made.append(KEK_PASSPHRASE_FILE)
+    return made
+
+
+def main(environ=os.environ) -> int:
+    directory = environ.get("SECRETS_DIR")
+    if not directory:
+        print("stacksecrets: SECRETS_DIR is not set", file=sys.stderr)
+        return 2
+    try:
+        made = ensure_secrets(Path(directory))
+    except BundleError as error:
+        print(f"stacksecrets: {error}", file=sys.stderr)
+        return 1
+    for name in made:
+        print(f"stacksecrets: created {name} in {directory}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
