@@ -37,6 +37,12 @@ def post_worker_init(worker):
     accel.install()
     # Model-version files registered from runs:/ URIs (registry.py says why).
     registry.install()
+    # No "Server: uvicorn" banner (nginx never passes it on, but the server's bridge address
+    # answers too). uvicorn builds its default headers from this when the worker starts serving,
+    # after this hook; gunicorn's own Server header is only sent by its sync workers.
+    config = getattr(worker, "config", None)
+    if config is not None:
+        config.server_header = False
     # MLflow's runs search (and /graphql) run `from mlflow.server import auth` on every call,
     # to apply MLflow's own permissions. This stack authenticates at the edge and never runs
     # that app, and without its "auth" extra the import fails, but only after re-executing
