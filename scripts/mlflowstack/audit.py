@@ -20,7 +20,8 @@ Contract of this module:
   error. The user name is percent-decoded.
 - :func:`parse_when` and :func:`make_filters` raise :class:`AuditError` for bad input (the
   command prints it as one line and exits 2); filters match by exact user name, method (any
-  case), a substring of the path, and ``since <= time <= until``.
+  case), a substring of the path, and ``since <= time <= until`` (since taken to the whole
+  second, as the log's times are).
 - :func:`format_table` and :func:`format_json` never put a control character, a bidi control
   or any other unprintable character from the log on the terminal: the table escapes them
   (``\\n``, ``\\x1b``, ``\\u202e``; a backslash is doubled, so an escape cannot be forged),
@@ -131,6 +132,10 @@ def make_filters(
         raise AuditError(f"--method: {method!r} is not an HTTP method (e.g. GET, POST)")
     if path_contains is not None and not path_contains:
         raise AuditError("--path-contains: the text is empty")
+    # The log's times are whole seconds: a request logged at 10:00:00 happened during it, so
+    # --since 10:00:00.5 keeps it.
+    if start:
+        start = start.replace(microsecond=0)
     return Filters(start, end, user, method.upper() if method else None, path_contains)
 
 

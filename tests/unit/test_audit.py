@@ -209,6 +209,10 @@ def test_select_since_until_range_is_inclusive():
     assert [entry.user for entry in chosen] == ["alice", "ci-nightly"]
 
 
+def test_select_since_within_the_logged_second_keeps_that_request():
+    assert [entry.user for entry in entries(since="2026-11-28T11:30:00.700Z")] == ["ci-nightly", ""]
+
+
 def test_select_filters_combine_as_and():
     assert entries(user="alice", method="GET") == []
     assert len(entries(user="alice", method="POST", since="2h")) == 1
