@@ -9,8 +9,8 @@ ratios stay fair.
 """
 
 import dataclasses
+import json
 import random
-import re
 import sys
 import time
 from collections import defaultdict
@@ -193,17 +193,28 @@ def flood(
 
 
 def flood_statuses(nginx_log: str) -> dict[int, int]:
-    """Statuses of the flood's requests as nginx logged them (no user, experiments GET).
+    """Statuses of the flood's requests as nginx logged them (no user, experiments GET), from
+    nginx's JSON access log (nginx/nginx.conf, access_json).
 
     wrk only counts answers that finish inside its window, and a tarpitted 429 can take
     longer than that; nginx logs every request once it ends, however it ended.
     """
-    pattern = re.compile(
-        r' - - \[[^]]*\] "GET /api/2\.0/mlflow/experiments/search\S* [^"]*" (\d{3}) '
-    )
     counts: dict[int, int] = defaultdict(int)
-    for match in pattern.finditer(nginx_log):
-        counts[int(match[1])] += 1
+    for line in nginx_log.splitlines():
+        # After compose's "nginx-1  | " prefix; nginx's error log lines are not JSON.
+        start = line.find("{")
+        try:
+            record = json.loads(line[start:]) if start >= 0 else None
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if (
+            record.get("user") == ""
+            and record.get("method") == "GET"
+            and record.get("path") == "/api/2.0/mlflow/experiments/search"
+        ):
+            counts[int(record["status"])] += 1
     return dict(counts)
 
 

@@ -71,14 +71,19 @@ def test_render_a_failed_request_fails_the_no_non_2xx_goal():
 
 
 def test_flood_statuses_counts_only_requests_without_a_user():
+    def line(user, status):
+        return (
+            'nginx-1  | {"time":"2026-11-27T09:00:00+00:00","client":"172.18.0.1",'
+            f'"user":"{user}","kind":"","method":"GET","path":"/api/2.0/mlflow/experiments/search",'
+            f'"status":{status},"bytes_in":90,"bytes_out":40,"duration":0.2,"verdict":"refused"}}'
+        )
+
     log = "\n".join(
         [
-            '172.18.0.1 - - [27/Nov/2026:09:00:00 +0000] "GET /api/2.0/mlflow/experiments/'
-            'search?max_results=1 HTTP/1.1" 401 13 0.2 "wrk"',
-            '172.18.0.1 - - [27/Nov/2026:09:00:00 +0000] "GET /api/2.0/mlflow/experiments/'
-            'search?max_results=1 HTTP/1.1" 429 40 3.0 "wrk"',
-            '172.18.0.1 - bench [27/Nov/2026:09:00:00 +0000] "GET /api/2.0/mlflow/experiments/'
-            'search?max_results=1 HTTP/1.1" 200 90 0.01 "wrk"',
+            line("", 401),
+            line("", 429),
+            line("bench", 200),
+            "nginx-1  | 2026/11/27 09:00:00 [notice] 1#1: js vm init njs: {not json",
         ]
     )
     assert flood_statuses(log) == {401: 1, 429: 1}
