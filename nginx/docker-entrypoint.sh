@@ -82,14 +82,15 @@ render_serving_map() {
         printf '    server unix:%s/model-%s.sock;\n' "${SERVING_SOCKET_DIR:-/run/mlflow-serving}" "$index"
         # Per worker; closed by nginx before the scorer would (its keep-alive: 75 s).
         printf '    keepalive 16;\n    keepalive_timeout 60s;\n}\n'
-        mapping="$mapping    \"$name\" serving_model_$index;
+        # Keys carry a prefix: a bare "default", "include" or "hostnames" is a map keyword.
+        mapping="$mapping    \"model:$name\" serving_model_$index;
 "
         index=$((index + 1))
         first=${first:-$name}
         names="${names:+$names, }$name"
     done
     # shellcheck disable=SC2016  # nginx's variables
-    printf 'map $serving_model $serving_backend {\n    default 127.0.0.1:8091;\n%s}\n' "$mapping"
+    printf 'map model:$serving_model $serving_backend {\n    default 127.0.0.1:8091;\n%s}\n' "$mapping"
     # shellcheck disable=SC2016
     printf 'map $pid $serving_default_model {\n    default "%s";\n}\n' "$first"
     # shellcheck disable=SC2016
