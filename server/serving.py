@@ -183,6 +183,24 @@ def open_sockets(spec: ModelSpec) -> list[socket.socket]:
     return [tcp, unix]
 
 
+def _relay_stderr(process: subprocess.Popen) -> list[str]:
+    """Copy the scorer's stderr to this container's log, line by line, for as long as it
+    runs; return the list that holds its last lines, made printable (a model's own code writes
+    them, and they reach an operator's terminal through ``rollout``)."""
+    last: list[str] = []
+
+    def relay() -> None:
+        for raw in process.stderr:
+            sys.stderr.buffer.write(raw)
+            sys.stderr.flush()
+            text = raw.decode(errors="replace").strip()
+            last.append("".join(c if c.isprintable() else "?" for c in text)[:300])
+            del last[:-5]
+
+    threading.Thread(target=relay, daemon=True).start()
+    return last
+
+
 def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
     """Start a scoring process on the model's sockets and wait until it has loaded the model.
     Raises ServingError (the process stopped, ``model_dir`` removed) if it exits or takes
@@ -195,8 +213,10 @@ def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
     process = subprocess.Popen(
         [*_self_command(), "score", str(model_dir), str(ready_write), *fds],
         pass_fds=(*(sock.fileno() for sock in served.sockets), ready_write), env=env,
+        stderr=subprocess.PIPE,
     )  # fmt: skip
     os.close(ready_write)
+    last_lines = _relay_stderr(process)
     try:
         with os.fdopen(ready_read, "rb") as ready:
             # The scorer writes a line once its model is loaded; EOF first means it exited.
@@ -207,7 +227,10 @@ def start_scorer(served: Served, version: str, model_dir: Path) -> Scorer:
             finally:
                 timer.cancel()
         if line.strip() != b"ready":
-            raise ServingError(f"version {version} did not load (exit {process.wait()}); see above")
+            code = process.wait()
+            time.sleep(0.1)  # the relay's last lines
+            reason = next((text for text in reversed(last_lines) if text), f"exit {code}")
+            raise ServingError(f"version {version} did not load: {reason}")
     except BaseException:
         process.kill()
         process.wait()

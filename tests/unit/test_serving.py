@@ -298,7 +298,8 @@ def test_rollout_new_version_fails_to_load_old_keeps_serving(supervisor):
     supervisor.set_version("iris", "broken")
     result = supervisor.command("rollout", "iris")
     assert result.returncode == 1
-    assert "still serving version 1" in result.stdout
+    # The scorer's own last words, not "see the log".
+    assert "did not load: cannot load the model; still serving version 1" in result.stdout
     assert supervisor.get() == "version 1"
 
 
