@@ -3,9 +3,11 @@
 Contract: ``keep_serving_token(store, directory, wanted)``:
 
 - ``wanted`` (SERVE_MODELS names models): the tokens file holds a token ``serving`` with the
-  role ``viewer`` and no expiry whose secret is ``directory/token`` (mode 0600); a missing or
-  malformed file gets a fresh secret, and a token of that name with another secret or role is
-  replaced. Nothing changes when all of that already holds (every ``up`` runs init).
+  role ``viewer`` and no expiry whose secret is ``directory/token`` (mode 0600). The file's
+  secret is kept only while the tokens file holds exactly that token: anything else (a missing
+  or malformed file, no such token because an operator revoked it, another secret or role)
+  gets a fresh secret, so a revoked secret is never registered again. Nothing changes when
+  all of that already holds (every ``up`` runs init).
 - ``wanted`` also leaves ``directory/serving-secret`` (64 hex characters, 0600, never replaced
   once made): nginx sends it with every prediction and the scoring processes refuse requests
   without it, so a process on the Docker host that reaches the serving container's bridge
@@ -57,14 +59,13 @@ def keep_serving_token(store: UserStore, directory: Path, wanted: bool) -> str:
         return "removed the serving token (SERVE_MODELS is empty)" if changes or existed else ""
     made_secret = create_file(secret_path, (secrets.token_hex(32) + "\n").encode(), SECRET_MODE)
     secret = _read_secret(path)
-    fresh = secret is None
-    if fresh:
-        secret = new_token_secret()
-    else:
+    if secret is not None:
         mine = [t for t in store.load_tokens().values() if t.name == SERVING_TOKEN_NAME]
         held = [(t.digest, t.role, t.expires) for t in mine]
         if held == [(token_digest(secret), "viewer", None)]:
             return "created the serving proxy secret" if made_secret else ""
+    # Whoever copied the old secret (a model's code could read it) keeps nothing.
+    secret, fresh = new_token_secret(), True
     try:
         changes = converge_token(store, SERVING_TOKEN_NAME, "viewer", "present", secret, None)
     except BundleError as error:

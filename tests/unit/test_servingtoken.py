@@ -34,11 +34,15 @@ def test_keep_serving_token_twice_changes_nothing(store, tmp_path):
     assert (store.tokens_path.read_bytes(), (tmp_path / "token").read_bytes()) == before
 
 
-def test_keep_serving_token_removed_token_is_made_again_with_the_kept_secret(store, tmp_path):
+def test_keep_serving_token_revoked_token_is_made_again_with_a_fresh_secret(store, tmp_path):
+    """`stackctl token remove serving` revokes for good: the next `up` must not register the
+    old secret again (a model's code could have copied it)."""
     keep_serving_token(store, tmp_path, wanted=True)
-    secret = (tmp_path / "token").read_text().strip()
+    revoked = (tmp_path / "token").read_text().strip()
     store.remove_token(SERVING_TOKEN_NAME)
     assert keep_serving_token(store, tmp_path, wanted=True)
+    secret = (tmp_path / "token").read_text().strip()
+    assert secret != revoked
     assert [t.digest for t in serving_tokens(store)] == [token_digest(secret)]
 
 
