@@ -551,7 +551,8 @@ def control_client(command: dict) -> int:
             for raw in sock.makefile("rb"):
                 last = raw.decode(errors="replace").rstrip("\n")
                 if last not in ("ok", "failed"):
-                    print(last, flush=True)
+                    # Printable only: the answer reaches an operator's terminal.
+                    print("".join(c if c.isprintable() else "?" for c in last), flush=True)
     except OSError as error:
         print(f"serving: the supervisor does not answer ({error.strerror})", file=sys.stderr)
         return 1

@@ -10,15 +10,33 @@ status is the container's: 0 when done (or already serving that version), 1 othe
 """
 
 import re
+import subprocess
 
 from mlflowstack import commands
 from mlflowstack.files import BundleError
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SERVING = ["exec", "-T", "serving", "python", "/opt/mlflow-stack/serving.py"]
+NOT_RUNNING = (
+    "the serving container is not running: set SERVE_MODELS and COMPOSE_PROFILES=serve in .env, "
+    "then docker compose up -d"
+)
+
+
+def _require_serving_running(args) -> None:
+    """One clear line instead of compose's own error when the profile is not up."""
+    command = ["docker", "compose", "--project-directory", str(commands._project_dir(args)),
+               "--profile", "serve", "ps", "--status", "running", "--quiet", "serving"]  # fmt: skip
+    try:
+        running = subprocess.run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise BundleError("docker is not installed here") from None
+    if running.returncode == 0 and not running.stdout.strip():
+        raise BundleError(NOT_RUNNING)
 
 
 def serve_status(args) -> int:
+    _require_serving_running(args)
     return commands._compose(args, *_SERVING, "status")
 
 
@@ -29,4 +47,5 @@ def serve_rollout(args) -> int:
             "'-', at most 64)"
         )
     force = ["--force"] if args.force else []
+    _require_serving_running(args)
     return commands._compose(args, *_SERVING, "rollout", args.model, *force)

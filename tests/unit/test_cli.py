@@ -5,6 +5,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -498,8 +499,28 @@ def test_serve_rollout_bad_model_name_refused_before_docker(name, monkeypatch):
     assert status == 1 and "is not a model name" in err
 
 
+def _serving_ps(monkeypatch, running: str):
+    """Stand in for `docker compose ps` of the serving container (its id, or nothing)."""
+    monkeypatch.setattr(
+        "mlflowstack.serve.subprocess.run",
+        lambda command, **_: subprocess.CompletedProcess(command, 0, running, ""),
+    )
+
+
+@pytest.mark.parametrize("words", [["status"], ["rollout", "iris"]])
+def test_serve_serving_not_running_one_line_and_no_exec(monkeypatch, words):
+    _serving_ps(monkeypatch, "")
+    monkeypatch.setattr(
+        "mlflowstack.commands._compose", lambda *a, **k: pytest.fail("docker exec was called")
+    )
+    status, _, err = run(None, "serve", *words)
+    assert status == 1 and "serving container is not running" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_serve_rollout_passes_checked_name_to_serving_container(monkeypatch):
     calls = []
+    _serving_ps(monkeypatch, "0123abcd\n")
     monkeypatch.setattr("mlflowstack.commands._compose", lambda args, *a, **k: calls.append(a) or 0)
     assert run(None, "serve", "rollout", "iris.v2", "--force")[0] == 0
     assert calls == [
