@@ -13,6 +13,10 @@ workers = int(os.environ.get("GATE_WORKERS", "1"))
 threads = int(os.environ.get("GATE_THREADS", "8"))
 # nginx keeps upstream connections open (upstream keepalive); this must outlast its 60 s.
 keepalive = 75
+# nginx sends the normalized path percent-encoded in X-Original-Path: up to three times the
+# longest request line nginx reads (8 KiB), which mlflowstack.forwarded accepts. gunicorn's
+# default field limit (8190) answered 400 without the nonce, hence 500 for a long URL.
+limit_request_field_size = 3 * 8192 + 64
 timeout = 30
 accesslog = None
 errorlog = "-"

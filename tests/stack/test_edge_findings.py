@@ -133,3 +133,12 @@ def test_model_version_from_runs_uri_file_served_not_500(mlflow_env, stack, admi
     assert missing.status_code == 404 and "sqlite" not in missing.text
     local = mlflow.artifacts.download_artifacts(f"models:/from-runs-uri/{version.version}")
     assert "MLmodel" in os.listdir(local)
+
+
+@pytest.mark.parametrize("character", ["a", "("])  # "(": percent-encoded for the gate, 3 bytes
+def test_long_url_answered_after_login_never_500(stack, admin, character):
+    """Session 7's attacker review: a path over about 4 KB made the gate's gunicorn refuse
+    nginx's question (500, and 10 KB of error log per request)."""
+    path = "/x/" + character * 8000  # nginx reads request lines up to 8 KiB
+    assert requests.get(stack.url + path, timeout=10).status_code == 401
+    assert requests.get(stack.url + path, auth=admin, timeout=10).status_code == 404
