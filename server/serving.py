@@ -446,17 +446,21 @@ def fetch_model(reference: str, target: str) -> int:
     return 0
 
 
-def require_serving_secret(app, secret: bytes):
+def require_serving_secret(app, secret):
     """ASGI wrapper: only requests that carry the serving secret (nginx's, after the login)
     reach the scoring app; the container's own health probe (GET /ping, /health) needs none.
-    No secret configured: everything else is refused (fail closed)."""
+    ``secret``: the bytes, or a callable that returns the current ones. No secret configured:
+    everything else is refused (fail closed)."""
     import hmac
+
+    current = secret if callable(secret) else lambda: secret
 
     async def guarded(scope, receive, send):
         if scope["type"] == "http":
             sent = dict(scope["headers"]).get(b"x-serving-secret", b"")
             probe = scope["method"] in ("GET", "HEAD") and scope["path"] in ("/ping", "/health")
-            if not probe and not (secret and hmac.compare_digest(sent, secret)):
+            expected = current()
+            if not probe and not (expected and hmac.compare_digest(sent, expected)):
                 body = b'{"error_code": "PERMISSION_DENIED", "message": "Not from the proxy."}'
                 await send(
                     {
@@ -474,16 +478,43 @@ def require_serving_secret(app, secret: bytes):
     return guarded
 
 
-def _serving_secret() -> bytes:
-    path = Path(os.environ.get("SERVING_SECRET_FILE", "/var/lib/mlflow-serving/serving-secret"))
-    try:
-        secret = path.read_bytes().strip()
-    except OSError:
-        secret = b""
-    if not re.fullmatch(rb"[0-9a-f]{64}", secret):
-        print(f"serving: no serving secret in {path}: every prediction is refused", flush=True)
-        return b""
-    return secret
+class SecretFile:
+    """The serving secret as init keeps it, read again when the file changes (looked at once a
+    second at most): init makes a new one when SERVE_MODELS was emptied and set again, and nginx
+    then sends the new one while scorers of this container may still run."""
+
+    def __init__(self, path: Path):
+        self.path, self.secret, self.seen, self.checked = path, b"", None, 0.0
+
+    def __call__(self) -> bytes:
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return self.secret
+        self.checked = now
+        try:
+            stat = self.path.stat()
+            seen = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+        except OSError:
+            seen = None
+        if seen != self.seen:
+            self.seen, self.secret = seen, self._read()
+        return self.secret
+
+    def _read(self) -> bytes:
+        try:
+            secret = self.path.read_bytes().strip()
+        except OSError:
+            secret = b""
+        if not re.fullmatch(rb"[0-9a-f]{64}", secret):
+            print(f"serving: no serving secret in {self.path}: predictions are refused", flush=True)
+            return b""
+        return secret
+
+
+def _serving_secret() -> SecretFile:
+    return SecretFile(
+        Path(os.environ.get("SERVING_SECRET_FILE", "/var/lib/mlflow-serving/serving-secret"))
+    )
 
 
 def draining_server():

@@ -405,6 +405,26 @@ def test_require_serving_secret_health_probe_needs_none():
     assert call(app, "POST", "/ping", {}) == 403
 
 
+def test_secret_file_new_secret_honoured_without_restart(tmp_path, monkeypatch):
+    """init makes a new serving secret when SERVE_MODELS is emptied and set again; nginx sends
+    the new one, and scorers that kept the old one would refuse every prediction."""
+    clock = [1000.0]
+    monkeypatch.setattr(serving.time, "monotonic", lambda: clock[0])
+    path = tmp_path / "serving-secret"
+    path.write_text(SECRET + "\n")
+    app, _ = guarded(serving.SecretFile(path))
+    assert call(app, "POST", "/invocations", {"X-Serving-Secret": SECRET}) == 200
+    renewed = "cd" * 32
+    path.write_text(renewed + "\n")
+    os.utime(path, ns=(1, 1))  # (a new mtime whatever the file system's resolution)
+    clock[0] += 2
+    assert call(app, "POST", "/invocations", {"X-Serving-Secret": renewed}) == 200
+    assert call(app, "POST", "/invocations", {"X-Serving-Secret": SECRET}) == 403
+    path.unlink()
+    clock[0] += 2
+    assert call(app, "POST", "/invocations", {"X-Serving-Secret": renewed}) == 403
+
+
 def test_require_serving_secret_none_configured_refuses_even_empty_header():
     app, _ = guarded(b"")
     assert call(app, "POST", "/invocations", {"X-Serving-Secret": ""}) == 403
