@@ -12,7 +12,7 @@
 // - Of the scorer's headers only Content-Length passes (the body's length; nginx frames the
 //   body itself: chunked Transfer-Encoding, Connection and Keep-Alive are nginx's own, and the
 //   upstream module never copies the scorer's).
-// - Every other header the client sees is nginx's own: Date, Server (no version) and the
+// - Every other header the client sees is nginx's own: Date, Server (if any, no version), the
 //   framing headers written by nginx's last header filter, and the add_header lines of the
 //   serving locations (serving-proxy.conf and the site template: Content-Type forced per call,
 //   X-Content-Type-Options nosniff, the sandboxing CSP, Cache-Control no-store,
