@@ -133,14 +133,15 @@ class Stack:
         return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
     def container_ip(self, service: str) -> str:
-        """The service's address on the stack's network (reachable from this host)."""
+        """The service's address on one of the stack's networks (each is reachable from this
+        host; nginx has two)."""
         container = self.compose("ps", "-q", service).split()[0]
-        template = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"
+        template = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
         result = subprocess.run(
             ["docker", "inspect", "-f", template, container],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        return result.stdout.strip()
+        return result.stdout.split()[0]
 
     def logs(self, service: str, since: str | None = None) -> str:
         return self.compose("logs", "--no-color", *(["--since", since] if since else []), service)
