@@ -26,7 +26,8 @@ def desync_edge(stack):
         stack.compose(
             "run", "-d", "--rm", "--no-deps", "--name", DESYNC,
             "-v", f"{script}:/opt/desync_gate.py:ro",
-            "--entrypoint", "python3", "stackctl", "/opt/desync_gate.py", "auth", "8000",
+            # As the auth service: on the gate's network (stackctl has none).
+            "--entrypoint", "python3", "auth", "/opt/desync_gate.py", "auth", "8000",
         )  # fmt: skip
         stack.compose(
             "run", "-d", "--rm", "--no-deps", "--name", EDGE,
