@@ -265,10 +265,7 @@ def read_nginx_log(args, filters: Filters) -> str:
     """``docker compose logs nginx --no-log-prefix`` of the bundle (as the other stackctl
     commands run compose: ``--project-directory``), narrowed by docker to the time range with a
     second to spare (the filters decide). Raises BundleError when docker fails."""
-    command = [
-        "docker", "compose", "--project-directory", str(commands._project_dir(args)),
-        "logs", "--no-log-prefix", "--no-color",
-    ]  # fmt: skip
+    command = commands.compose_command(args, "logs", "--no-log-prefix", "--no-color")
     if filters.since:
         command += ["--since", _docker_time(filters.since - datetime.timedelta(seconds=1))]
     if filters.until:

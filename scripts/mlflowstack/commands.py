@@ -42,13 +42,18 @@ def _project_dir(args) -> Path:
     return Path(args.project_dir) if args.project_dir else REPO_ROOT
 
 
+def compose_command(args, *compose_args: str) -> list[str]:
+    """``docker compose`` of the bundle, as every stackctl command runs it."""
+    return ["docker", "compose", "--project-directory", str(_project_dir(args)), *compose_args]
+
+
 def _compose(
     args, *compose_args: str, stdin_text: str | None = None, json_stdout: bool = False
 ) -> int:
     """Run ``docker compose``; with ``json_stdout`` only the JSON lines of its stdout stay on
     stdout and any other line goes to stderr, so a ``--json`` answer stays parseable whatever
     compose or a build prints."""
-    command = ["docker", "compose", "--project-directory", str(_project_dir(args)), *compose_args]
+    command = compose_command(args, *compose_args)
     try:
         completed = subprocess.run(
             command,
@@ -74,7 +79,7 @@ def _build_auth_image_if_missing(args) -> None:
     build it as the ``stackctl`` service: another image (compose labels each with its service),
     whose tag the first ``up`` takes away, leaving it behind untagged after ``down --rmi all``.
     Never builds an image that exists (a shipped VM has no build context to spare)."""
-    command = ["docker", "compose", "--project-directory", str(_project_dir(args))]
+    command = compose_command(args)
     try:
         listed = subprocess.run(
             [*command, "config", "--images"], capture_output=True, text=True, check=False

@@ -25,8 +25,9 @@ NOT_RUNNING = (
 
 def _require_serving_running(args) -> None:
     """One clear line instead of compose's own error when the profile is not up."""
-    command = ["docker", "compose", "--project-directory", str(commands._project_dir(args)),
-               "--profile", "serve", "ps", "--status", "running", "--quiet", "serving"]  # fmt: skip
+    command = commands.compose_command(
+        args, "--profile", "serve", "ps", "--status", "running", "--quiet", "serving"
+    )
     try:
         running = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError:
