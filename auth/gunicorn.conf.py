@@ -20,3 +20,8 @@ limit_request_field_size = 3 * 8192 + 64
 timeout = 30
 accesslog = None
 errorlog = "-"
+# The root file system is read-only (compose.yaml): the workers' heartbeat files go to /dev/shm
+# (memory), and no control socket is made (gunicornc is never used; by default gunicorn 25+
+# creates one under the home directory).
+worker_tmp_dir = "/dev/shm"
+control_socket_disable = True

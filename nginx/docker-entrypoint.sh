@@ -110,7 +110,7 @@ check_auth_cache_ttl() {
 
 # The per-installation secret nginx sends to the gate and the server, which refuse requests
 # without it (scripts/mlflowstack/stacksecrets.py). Kept out of conf.d, so that
-# "stackctl config render" never prints it; root-only, like the key of a certificate.
+# "stackctl config render" never prints it; readable by nginx's user only (mode 0600).
 render_proxy_secret() {
     secret_file=${PROXY_SECRET_FILE:-/var/lib/mlflow-stack/secrets/proxy-secret}
     secret=$(cat "$secret_file" 2>/dev/null || true)
@@ -118,7 +118,6 @@ render_proxy_secret() {
         echo "docker-entrypoint: no proxy secret in $secret_file: the gate and the server will refuse every request" >&2
         secret=missing
     fi
-    mkdir -p /etc/nginx/private
     (
         umask 077
         # shellcheck disable=SC2016  # $pid is nginx's variable
@@ -158,6 +157,10 @@ check_request_body_limit() {
 check_auth_cache_ttl
 check_request_body_limit
 check_serve_models
+# The root file system is read-only: /etc/nginx/conf.d and /etc/nginx/private are links into
+# /tmp (a tmpfs in compose.yaml), where nginx's pid and temp files go too (nginx.conf).
+mkdir -p /tmp/nginx/conf.d
+(umask 077 && mkdir -p /tmp/nginx/private)
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
 render_serving_map > /etc/nginx/conf.d/01-serving.conf
 render_proxy_secret

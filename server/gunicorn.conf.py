@@ -24,6 +24,11 @@ forwarded_allow_ips = "*"
 # nginx writes the access log with the authenticated user; a second log here only costs time.
 accesslog = None
 errorlog = "-"
+# The root file system is read-only (compose.yaml): the workers' heartbeat files go to /dev/shm
+# (memory), and no control socket is made (gunicornc is never used; by default gunicorn 25+
+# creates one under the home directory).
+worker_tmp_dir = "/dev/shm"
+control_socket_disable = True
 
 
 def post_worker_init(worker):
