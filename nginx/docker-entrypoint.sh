@@ -157,10 +157,9 @@ check_request_body_limit() {
 check_auth_cache_ttl
 check_request_body_limit
 check_serve_models
-# The root file system is read-only: /etc/nginx/conf.d and /etc/nginx/private are links into
-# /tmp (a tmpfs in compose.yaml), where nginx's pid and temp files go too (nginx.conf).
-mkdir -p /tmp/nginx/conf.d
-(umask 077 && mkdir -p /tmp/nginx/private)
+# The root file system is read-only: /etc/nginx/conf.d and /etc/nginx/private are tmpfs mounts
+# (compose.yaml), and nginx's pid and temp files go to /tmp/nginx (nginx.conf).
+mkdir -p /tmp/nginx
 render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
 render_serving_map > /etc/nginx/conf.d/01-serving.conf
 render_proxy_secret
