@@ -103,6 +103,12 @@ def server_environment(env: dict[str, str]) -> dict[str, str]:
         _ARTIFACT_ROOT: "mlflow-artifacts:/",
         _ARTIFACTS_DESTINATION: env["MLFLOW_ARTIFACTS_DESTINATION"],
         _SERVE_ARTIFACTS: "true",
+        # Some of MLflow's routes (the assistant's, through the gateway's store) open the
+        # default tracking URI, not the server's store: in a fresh worker that is
+        # sqlite:///mlflow.db in the working directory, a stray empty database (on the
+        # read-only root file system, a worker stuck retrying). MLflow points the tracking URI
+        # at the backend store itself once another route opened it; this does so from the start.
+        "MLFLOW_TRACKING_URI": backend_uri,
         "_MLFLOW_SGI_NAME": "uvicorn",
         "_MLFLOW_IN_JOB_EXECUTOR": "false",
         **security_environment(

@@ -9,6 +9,7 @@ import re
 import subprocess
 
 import pytest
+import requests
 from conftest import PROJECT
 
 # Every service compose.yaml starts; init has run and exited, and serving is the opt-in profile.
@@ -175,3 +176,24 @@ def test_no_secret_in_any_log(stack, secret_values):
     assert logs.strip()
     for value in secret_values:
         assert value not in logs, value[:4]
+
+
+def test_fresh_server_answers_assistant_routes_first(stack):
+    """The assistant's routes open MLflow's default tracking URI, not the server's store: in a
+    fresh worker that was ./mlflow.db, which the read-only root refuses, and the worker retried
+    for minutes (start.py points the tracking URI at the store). Each of the server's fresh
+    workers gets an assistant route as its very first request, and answers within 5 s."""
+    stack.add_user("hardened-fresh", "fresh-password-4", "viewer")
+    stack.compose("up", "-d", "--wait", "--no-build", "--force-recreate", "server")
+    for _ in range(4):  # round robin over the workers: each gets one first
+        for route in ("assistant/providers", "assistant/config"):
+            answer = requests.get(
+                f"{stack.url}/ajax-api/3.0/mlflow/{route}",
+                auth=("hardened-fresh", "fresh-password-4"),
+                timeout=5,
+            )
+            assert answer.status_code == 200, (route, answer.status_code, answer.text[:200])
+    # (Unreadable directories, e.g. /root, are nothing the server's user could have written.)
+    script = "find / -xdev -name mlflow.db 2>/dev/null || true"
+    found = stack.compose("exec", "-T", "server", "sh", "-c", script)
+    assert found.split() == [], found

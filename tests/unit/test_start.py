@@ -56,6 +56,8 @@ def test_server_environment_sets_mlflow_internals():
     assert env["_MLFLOW_SERVER_REGISTRY_STORE"] == "sqlite:////db"
     assert env["_MLFLOW_SERVER_SERVE_ARTIFACTS"] == "true"
     assert env["_MLFLOW_SERVER_ARTIFACT_DESTINATION"] == "/a"
+    # Routes that open the default tracking URI reach the same store, never ./mlflow.db.
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:////db"
 
 
 @pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("", False)])
