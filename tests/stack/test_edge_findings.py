@@ -107,7 +107,14 @@ def test_mixed_case_host_accepted_by_nginx_and_mlflow(stack, admin):
 
 
 def test_server_telemetry_off_by_default(stack):
-    environ = stack.compose("exec", "-T", "server", "cat", "/proc/1/environ")
+    # gunicorn's environment (process 1 is the container's init, which start.py never sees);
+    # "gunicor[n]" matches gunicorn's command line, never this script's own.
+    script = (
+        "for p in /proc/[0-9]*; do"
+        " if grep -q 'gunicor[n]' $p/cmdline 2>/dev/null; then cat $p/environ; exit; fi; done"
+    )
+    environ = stack.compose("exec", "-T", "server", "sh", "-c", script)
+    assert "_MLFLOW_SERVER_FILE_STORE=" in environ  # start.py's environment, not the init's
     assert "MLFLOW_DISABLE_TELEMETRY=true" in environ.split("\0")
 
 
