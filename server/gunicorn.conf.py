@@ -37,11 +37,14 @@ def post_worker_init(worker):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import accel
     import registry
+    import storefull
 
     # Downloads: nginx sends the file itself, else big chunks (accel.py says how and why).
     accel.install()
     # Model-version files registered from runs:/ URIs (registry.py says why).
     registry.install()
+    # Uploads into a full artifact volume: 507 and why, not a 500 clients retry (storefull.py).
+    storefull.install()
     # No "Server: uvicorn" banner (nginx never passes it on, but the server's bridge address
     # answers too). uvicorn builds its default headers from this when the worker starts serving,
     # after this hook; gunicorn's own Server header is only sent by its sync workers.

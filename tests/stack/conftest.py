@@ -196,3 +196,57 @@ def mlflow_env(stack, admin, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
     monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
     return stack
+
+
+class SecondStack:
+    """A second stack beside the session's, from the same images (tagged under its own
+    project name, no build), with compose files layered over compose.yaml; for tests that
+    need settings or volumes the shared stack must not get. Ends with ``down -v``."""
+
+    IMAGES = ("auth", "server", "nginx")
+
+    def __init__(self, suffix: str, *overrides: Path, env: dict[str, str] | None = None):
+        self.project = f"{PROJECT}-{suffix}"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        files = [ROOT / "compose.yaml", *overrides]
+        self._command = ["docker", "compose", "-p", self.project]
+        for file in files:
+            self._command += ["-f", str(file)]
+        self._env = {
+            **os.environ,
+            "COMPOSE_PROJECT_NAME": self.project,
+            "HTTP_PORT": str(self.port),
+            "PUBLIC_HOSTNAME": f"127.0.0.1:{self.port},localhost",
+            "SERVE_MODELS": "",
+            **(env or {}),
+        }
+
+    def compose(self, *args: str, check: bool = True) -> str:
+        result = subprocess.run(
+            [*self._command, *args], env=self._env, capture_output=True, text=True, check=False
+        )
+        if check and result.returncode:
+            raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def __enter__(self):
+        for image in self.IMAGES:
+            subprocess.run(
+                ["docker", "tag", f"{PROJECT}-{image}", f"{self.project}-{image}"], check=True
+            )
+        try:
+            self.compose("up", "-d", "--wait", "--no-build")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.compose("--profile", "serve", "down", "-v", check=False)
+        for image in self.IMAGES:
+            subprocess.run(["docker", "rmi", f"{self.project}-{image}"], capture_output=True)
+
+    def admin(self) -> tuple[str, str]:
+        path = "/var/lib/mlflow-stack/users/initial-admin-password"
+        return ("admin", self.compose("exec", "-T", "auth", "cat", path).strip())
