@@ -179,9 +179,13 @@ def prepare_backend_store(env: dict[str, str]) -> None:
     WAL lets readers proceed while one writer commits (MLflow already sets busy_timeout).
     """
     os.environ.update(env)
+    import schema  # beside this file; it imports MLflow, which only this step needs
     from mlflow.server.handlers import initialize_backend_stores
 
     uri = env[_BACKEND_STORE]
+    # An older schema (a new pin, a restored backup) is copied, then migrated; a newer one
+    # stops the start (schema.py).
+    schema.settle(uri, Path(env.get("SCHEMA_COPIES_DIR", "/var/lib/mlflow/db/pre-upgrade")))
     initialize_backend_stores(uri, env[_REGISTRY_STORE], env[_ARTIFACT_ROOT])
     if uri.startswith("sqlite:"):
         import sqlalchemy
@@ -229,7 +233,13 @@ def main() -> int:
     except (SettingError, KeyError) as error:
         print(f"start: {error}", file=sys.stderr)
         return 2
-    prepare_backend_store(env)
+    import schema
+
+    try:
+        prepare_backend_store(env)
+    except schema.SchemaError as error:
+        print(f"start: {error}", file=sys.stderr)
+        return 2
     if with_jobs:
         return run_with_job_runner(env)
     os.execve(sys.executable, gunicorn_command(), env)

@@ -230,6 +230,16 @@ class SecondStack:
             raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result.stdout
 
+    def write_file(self, service: str, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` in the service's volumes, as the service's own user, from
+        a one-off container (the service itself may be stopped)."""
+        command = [*self._command, "run", "--rm", "-T", "--no-deps", "--entrypoint", "sh"]
+        script = 'cat > "$1.partial" && mv "$1.partial" "$1"'
+        subprocess.run(
+            [*command, service, "-c", script, "sh", path],
+            input=data, env=self._env, capture_output=True, check=True,
+        )  # fmt: skip
+
     def __enter__(self):
         for image in self.IMAGES:
             subprocess.run(
