@@ -51,6 +51,9 @@ def post_worker_init(worker):
     config = getattr(worker, "config", None)
     if config is not None:
         config.server_header = False
+        # MLflow's Flask half sends its own Date, so uvicorn's made two, and nginx logged a
+        # warning per answer (the UI's static files). nginx sends its own Date either way.
+        config.date_header = False
     # MLflow's runs search (and /graphql) run `from mlflow.server import auth` on every call,
     # to apply MLflow's own permissions. This stack authenticates at the edge and never runs
     # that app, and without its "auth" extra the import fails, but only after re-executing

@@ -173,3 +173,16 @@ def test_kek_passphrase_mlflow_uses_it_not_its_default(stack, admin):
     answer = requests.get(stack.url + "/ajax-api/3.0/mlflow/gateway/secrets/config", auth=admin)
     assert answer.status_code == 200, answer.text
     assert answer.json()["using_default_passphrase"] is False
+
+
+def test_ui_pages_one_date_header_no_nginx_warning(stack, viewer):
+    """MLflow's pages came with two Date headers (uvicorn's and the app's): nginx warned about
+    each in its log, a quarter of its lines on a UI visit."""
+    since = stack.now()
+    page = requests.get(stack.url + "/", auth=viewer)
+    assert page.status_code == 200
+    script = re.search(r'src="([^"]+\.js)"', page.text)
+    assert script, page.text[:300]
+    asset = requests.get(stack.url + "/" + script.group(1).lstrip("./"), auth=viewer)
+    assert asset.status_code == 200
+    assert "duplicate header" not in stack.logs("nginx", since)
