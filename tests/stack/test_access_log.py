@@ -37,6 +37,9 @@ def host_stackctl(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+LONG_PATH = "/api/2.0/mlflow/experiments/" + "long" * 1000
+
+
 @pytest.fixture(scope="module")
 def traffic(stack):
     """Requests as a user, a token, with a wrong password, with secrets in a query string, a
@@ -73,6 +76,9 @@ def traffic(stack):
     artifact = "/api/2.0/mlflow-artifacts/artifacts/0/acct/artifacts/a.txt"
     expect(200, "PUT", artifact, auth=alice, data=b"accounted")
     expect(200, "GET", artifact, auth=alice)
+    # A long path without credentials: logged cut to 512 characters (a flood of them must not
+    # rotate the log's 30 MB away in a few thousand requests).
+    expect(401, "GET", LONG_PATH)
     # A hostile path (ESC, an ANSI colour): refused, logged escaped.
     assert stack.raw(b"GET /api/%1b[31mred HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 400
 
@@ -153,6 +159,11 @@ def test_access_log_artifact_download_names_user_and_public_path(records):
         r["path"] for r in downloads
     ]
     assert not [r for r in records if "_artifact_files" in r["path"]]
+
+
+def test_access_log_long_path_cut_to_512_characters(records):
+    (record,) = [r for r in records if r["path"].startswith(LONG_PATH[:40])]
+    assert record["path"] == LONG_PATH[:512] and record["status"] == 401
 
 
 def test_access_log_hostile_path_logged_as_escaped_json(traffic, records):
