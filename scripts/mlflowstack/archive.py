@@ -253,6 +253,14 @@ def find_previous(directory: Path, project: str, exclude: Path | None = None) ->
                 best is None or manifest["created"] > best["created"]
             ):
                 best = {**manifest, "_file": path.name}
+    if best:
+        # Its own artifacts are in the file as it is called now (it may have been renamed).
+        best["artifacts"] = [
+            {**entry, "archive": best["_file"]}
+            if entry["backup_id"] == best["backup_id"]
+            else entry
+            for entry in best["artifacts"]
+        ]
     return best
 
 
@@ -312,7 +320,9 @@ def verify_backup(path: Path) -> Plan:
     artifacts = {}
     for entry in manifest["artifacts"]:
         name, member = entry["archive"], ARTIFACTS + entry["path"]
-        if name not in ids:
+        if entry["backup_id"] == manifest["backup_id"]:
+            name = path.name  # held by this archive, whatever it is called now
+        elif name not in ids:
             ids[name] = read_manifest(_beside(directory, name))["backup_id"]
         if ids[name] != entry["backup_id"]:
             raise ArchiveError(

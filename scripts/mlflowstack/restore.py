@@ -85,7 +85,8 @@ def restore(args) -> int:
     stackio.require_running(args)
     server = stackio.agent_json(args, "server", "inspect-server")
     problems = target_problems(server, stackio.agent_json(args, "files", "inspect-files"))
-    if server.get("mlflow_version") != plan.manifest["mlflow_version"]:
+    manifest = plan.manifest
+    if server.get("mlflow_version") != manifest["mlflow_version"]:
         # Another MLflow may not read the database's schema (or would need a migration first).
         raise BundleError(
             f"the archive is from MLflow {plan.manifest['mlflow_version']}, this stack runs "
@@ -97,10 +98,10 @@ def restore(args) -> int:
             f"the stack is not empty ({'; '.join(problems)}): restore onto a fresh stack, "
             "or --force to replace everything in it"
         )
-    manifest = plan.manifest
     server_expect = {
         "database": plan.database.sha256,
         "artifacts": {p: piece.sha256 for p, piece in plan.artifacts.items()},
+        "mtimes": {a["path"]: a["mtime_ns"] for a in manifest["artifacts"]},
         "force": bool(args.force),
     }
     server_pieces = [plan.database, *plan.artifacts.values()]

@@ -14,7 +14,8 @@ Modes (``MODE`` is the first argument; stdout carries the answer, stderr one lin
   snapshot's row counts and sha256, every artifact with size, mtime and sha256; null when it
   was not read, the host takes it from the previous manifest).
 - ``load-server``: stdin holds a tar stream: ``expect.json`` (``{"database": sha256,
-  "artifacts": {path: sha256}, "force": bool}``), then the members it names. Everything is
+  "artifacts": {path: sha256}, "mtimes": {path: mtime_ns}, "force": bool}``), then the
+  members it names. Everything is
   written into staging places inside the volumes and checked against its sha256; only when all
   arrived intact does it replace the database and move the artifacts in. The server must be
   stopped (the host does that).
@@ -239,6 +240,11 @@ def load_server(stdin, stdout) -> None:
 
     try:
         _receive(archive, expected, place)
+        # The artifacts keep their times, so the next backup of this stack into the same
+        # directory finds them unchanged (size and mtime) and copies none again.
+        for path, mtime_ns in expect.get("mtimes", {}).items():
+            if type(mtime_ns) is int and "artifacts/" + path in expected:
+                os.utime(os.path.join(staging, path), ns=(mtime_ns, mtime_ns))
         _swap_in(staging, db_stage, bool(expect.get("force")))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -562,6 +562,9 @@ def test_restore_roundtrip_same_bytes_services_restarted(stack, tmp_path, monkey
     assert snapshot(fresh["artifacts"]) == snapshot(stack["artifacts"])
     assert snapshot(fresh["users"]) == {**snapshot(stack["users"]), ".lock": b""}
     assert snapshot(fresh["secrets"]) == snapshot(stack["secrets"])
+    for path in ("1/run0/artifacts/model.pkl", "1/run1/artifacts/late.txt"):
+        assert (fresh["artifacts"] / path).stat().st_mtime_ns == (
+            stack["artifacts"] / path).stat().st_mtime_ns  # fmt: skip
     with contextlib.closing(sqlite3.connect(fresh["db"] / "mlflow.db")) as db:
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (1,)
     assert stack["steps"] == [
@@ -606,3 +609,19 @@ def test_restore_another_mlflow_version_refused(stack, tmp_path, monkeypatch):
     monkeypatch.setattr(stackio, "agent_json", older)
     status, _, err = stackctl(stack, "restore", str(path))
     assert status == 1 and "MLflow 3.17.2, this stack runs 3.1.0" in err
+
+
+def test_verify_backup_renamed_archive_still_holds_its_own_artifacts(stack, tmp_path):
+    path = Path(backup_to(stack, tmp_path / "backups")["archive"])
+    renamed = path.with_name("renamed.tar")
+    path.rename(renamed)
+    assert archive.verify_backup(renamed).artifacts["1/run0/artifacts/model.pkl"].archive == renamed
+
+
+def test_backup_after_renamed_archive_refers_to_its_new_name(stack, tmp_path):
+    path = Path(backup_to(stack, tmp_path / "backups")["archive"])
+    path.rename(path.with_name("first.tar"))
+    second = backup_to(stack, tmp_path / "backups", "--output", str(tmp_path / "backups/b2.tar"))
+    assert second["artifacts_copied"] == 0
+    plan = archive.verify_backup(Path(second["archive"]))
+    assert plan.artifacts["1/run0/artifacts/model.pkl"].archive.name == "first.tar"
