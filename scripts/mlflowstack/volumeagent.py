@@ -1,9 +1,9 @@
 """The side of ``stackctl backup`` and ``restore`` that runs inside the stack's containers, next
-to the volumes. Standard library only: the host sends this file's text as ``python -c SOURCE
-MODE`` to the server image (database, artifacts) or the auth image (users, secrets), so it needs
-no image rebuild and nothing of ours installed there. Nothing is written to a container's root
-file system (the services may run read-only): data crosses as a tar stream on stdin or stdout,
-and temporary files live in the volumes themselves.
+to the volumes. The host sends this file's text as ``python -c SOURCE MODE`` to the server image
+(database, artifacts), which has none of our code, so those modes use the standard library
+only, or to the auth image (users, secrets). Nothing is written to a container's root file
+system (the services may run read-only): data crosses as a tar stream on stdin or stdout, and
+temporary files live in the volumes themselves.
 
 Modes (``MODE`` is the first argument; stdout carries the answer, stderr one line on failure):
 
@@ -22,15 +22,15 @@ Modes (``MODE`` is the first argument; stdout carries the answer, stderr one lin
 - ``inspect-server``: JSON of what the target holds (experiments besides Default, runs,
   registered models, artifact files), for restore's "is it empty" check.
 - ``dump-files`` / ``load-files`` / ``inspect-files``: the same for the users and secrets
-  directories (auth image); load writes each file atomically with mode 0600 under the users
-  store's lock.
+  directories, in the auth image, whose ``mlflowstack`` these modes use: the users store reads
+  the users (the one owner of that format), and load writes each archived file byte for byte
+  with ``files.write_atomic`` (mode 0600) under the store's lock.
 
 Every path taken from a stream is checked by :func:`safe_relative` before it is joined to a
 directory, and only regular files are accepted, so a hostile stream cannot write outside.
 """
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -324,10 +324,13 @@ def load_files(stdin, stdout) -> None:
         prefix, _, rest = name.partition("/")
         if prefix not in places or "/" in rest:
             raise AgentError(f"unexpected member in the stream: {name[:200]!r}")
-    # The users store's lock (mlflowstack/files.py): no stackctl writer interleaves.
-    lock = os.open(os.path.join(USERS, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # The project's own writer and the users store's lock (the auth image has mlflowstack):
+    # no stackctl writer interleaves, each file is whole or absent, mode 0600 from its start.
+    from pathlib import Path
+
+    from mlflowstack.files import SECRET_MODE, exclusive_lock, write_atomic
+
+    with exclusive_lock(Path(USERS)):
         for prefix, directory in places.items():
             wanted = {n.partition("/")[2]: d for n, d in received.items() if n.startswith(prefix)}
             # What the target's own first start made (its admin password file, its tokens)
@@ -336,35 +339,17 @@ def load_files(stdin, stdout) -> None:
                 if name not in wanted:
                     os.unlink(path)
             for name, data in wanted.items():
-                _write_atomic(os.path.join(directory, name), data)
-    finally:
-        os.close(lock)
+                write_atomic(Path(directory) / name, data, SECRET_MODE)
     stdout.write(json.dumps({"files": sorted(received)}).encode())
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-
-
 def inspect_files(stdin, stdout) -> None:
-    users, tokens = [], []
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(USERS, "htpasswd")) as f:
-        users = [line.split(":", 1)[0] for line in f if line.strip() and line[0] != "#"]
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(USERS, "tokens")) as f:
-        for line in f:
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                tokens.append(json.loads(line).get("name"))
+    # Read by the users store, the one owner of these files (the auth image has it).
+    from mlflowstack.users import UserStore
+
+    store = UserStore(USERS)
+    users = sorted(store.load_users().users)
+    tokens = sorted(token.name for token in store.load_tokens().values())
     stdout.write(json.dumps({"users": users, "tokens": tokens}).encode())
 
 
@@ -384,8 +369,9 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         MODES[argv[0]](sys.stdin.buffer, sys.stdout.buffer)
-    except (AgentError, OSError, sqlite3.Error, tarfile.TarError, ValueError, KeyError) as error:
-        print(f"volumeagent: {argv[0]}: {error}", file=sys.stderr)
+    except Exception as error:  # one line for the host, whatever failed
+        message = " ".join(str(error).split())[:300] or type(error).__name__
+        print(f"volumeagent: {argv[0]}: {message}", file=sys.stderr)
         return 1
     sys.stdout.buffer.flush()
     return 0

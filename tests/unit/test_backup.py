@@ -38,7 +38,9 @@ def make_stack(root: Path, runs: int = 1) -> dict[str, Path]:
             db.execute("INSERT INTO runs VALUES (?, ?)", (f"run{i}", i + 1))
         db.commit()
     (places["users"] / "htpasswd").write_text("admin:$2y$12$x\n")
-    (places["users"] / "tokens").write_text('{"name": "ci", "role": "viewer"}\n')
+    (places["users"] / "tokens").write_text(
+        json.dumps({"name": "ci", "role": "viewer", "sha256": "0" * 64, "expires": None}) + "\n"
+    )
     (places["users"] / ".lock").write_text("")
     (places["secrets"] / "proxy-secret").write_text("s" * 64 + "\n")
     return places
@@ -50,6 +52,8 @@ def use_stack(monkeypatch, places: dict[str, Path]) -> None:
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(places["artifacts"]))
     monkeypatch.setenv("USERS_DIR", str(places["users"]))
     monkeypatch.setenv("SECRETS_DIR", str(places["secrets"]))
+    # As in the auth image: the agent's users and secrets modes use mlflowstack.
+    monkeypatch.setenv("PYTHONPATH", str(Path(stackio.__file__).parents[1]))
 
 
 def put(root: Path, relative: str, data: bytes) -> Path:
