@@ -95,50 +95,47 @@ def _safe(name) -> str:
         raise ArchiveError(f"manifest: unsafe path {name[:200]!r}") from None
 
 
+def _text(value, pattern: re.Pattern) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
 def validate_manifest(manifest) -> dict:
     """``manifest`` if it is one of ours, else ArchiveError."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArchiveError("not a stackctl backup (its manifest is someone else's)")
     _check(manifest.get("format_version") == FORMAT_VERSION, "unknown format version")
-    _check(isinstance(manifest.get("backup_id"), str) and _ID.fullmatch(manifest["backup_id"]),
-           "bad backup_id")  # fmt: skip
+    _check(_text(manifest.get("backup_id"), _ID), "bad backup_id")
     for key in ("created", "project", "bundle_version", "mlflow_version"):
         _check(isinstance(manifest.get(key), str), f"{key} missing")
     database = manifest.get("database")
     _check(isinstance(database, dict), "database missing")
     _check(_is_int(database.get("size")), "database size")
-    _check(isinstance(database.get("sha256"), str) and _HEX64.fullmatch(database["sha256"]),
-           "database sha256")  # fmt: skip
+    _check(_text(database.get("sha256"), _HEX64), "database sha256")
     counts = database.get("row_counts")
-    _check(isinstance(counts, dict) and all(
-        isinstance(k, str) and _is_int(v) for k, v in counts.items()), "row counts")  # fmt: skip
-    artifacts = manifest.get("artifacts")
-    _check(isinstance(artifacts, list), "artifacts missing")
+    _check(isinstance(counts, dict), "row counts missing")
+    _check(all(isinstance(k, str) and _is_int(v) for k, v in counts.items()), "row counts")
+    _check(isinstance(manifest.get("artifacts"), list), "artifacts missing")
+    _check(isinstance(manifest.get("files"), list), "files missing")
     paths = set()
-    for entry in artifacts:
+    for entry in manifest["artifacts"]:
         _check(isinstance(entry, dict), "an artifact entry is not an object")
         path = _safe(entry.get("path"))
         _check(path not in paths, f"artifact {path!r} listed twice")
         paths.add(path)
         _check(_is_int(entry.get("size")) and _is_int(entry.get("mtime_ns")), f"{path}: size")
-        _check(isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"]),
-               f"{path}: sha256")  # fmt: skip
-        _check(isinstance(entry.get("archive"), str) and _ARCHIVE_NAME.fullmatch(entry["archive"]),
-               f"{path}: archive name")  # fmt: skip
-        _check(isinstance(entry.get("backup_id"), str) and _ID.fullmatch(entry["backup_id"]),
-               f"{path}: backup_id")  # fmt: skip
+        _check(_text(entry.get("sha256"), _HEX64), f"{path}: sha256")
+        # A plain file name: restore looks for it beside the archive it was given, nowhere else.
+        _check(_text(entry.get("archive"), _ARCHIVE_NAME), f"{path}: archive name")
+        _check(_text(entry.get("backup_id"), _ID), f"{path}: backup_id")
     members = set()
-    for entry in manifest.get("files", None) or []:
+    for entry in manifest["files"]:
         _check(isinstance(entry, dict), "a file entry is not an object")
         member = entry.get("member")
-        _check(isinstance(member, str) and FILE_MEMBER.fullmatch(member) is not None,
-               f"unsafe file name {str(member)[:200]!r}")  # fmt: skip
+        _check(_text(member, FILE_MEMBER), f"unsafe file name {str(member)[:200]!r}")
         _check(member not in members, f"file {member!r} listed twice")
         members.add(member)
         _check(_is_int(entry.get("size")), f"{member}: size")
-        _check(isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"]),
-               f"{member}: sha256")  # fmt: skip
-    _check(isinstance(manifest.get("files"), list), "files missing")
+        _check(_text(entry.get("sha256"), _HEX64), f"{member}: sha256")
     return manifest
 
 

@@ -58,21 +58,19 @@ def human(size: int) -> str:
 
 
 def _agent_command(args, place: str, mode: str) -> list[str]:
-    """``python -c AGENT MODE`` in the running server (``exec``), a one-off server container
-    with its volumes (``run``, the server stopped) or the auth image's stackctl service."""
-    source = AGENT.read_text()
+    """``python -c AGENT MODE`` where ``place`` says: ``server``, the running server
+    (``exec``); ``server-run``, a one-off container of the server's image with its volumes
+    (the server stopped; ``--pull never``, as the service's ``pull_policy: build`` would build
+    and print on stdout); ``files``, the auth image's stackctl service (users, secrets)."""
     if place == "server":
-        base = ["exec", "-T", "server"]
+        where = ["exec", "-T", "server", "python"]
     elif place == "server-run":
-        # --pull never: the service's pull_policy (build) would build, printing on stdout.
-        base = ["run", "--rm", "-T", "--no-deps", "--pull", "never", "--entrypoint", "python"]
-        base.append("server")
+        where = ["run", "--rm", "-T", "--no-deps", "--pull", "never"]
+        where += ["--entrypoint", "python", "server"]
     else:
         commands._build_auth_image_if_missing(args)
-        base = ["run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "stackctl"]
-    if base[0] == "exec":
-        base.append("python")
-    return commands.compose_command(args, *base, "-c", source, mode)
+        where = ["run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "stackctl"]
+    return commands.compose_command(args, *where, "-c", AGENT.read_text(), mode)
 
 
 @contextlib.contextmanager
