@@ -186,21 +186,33 @@ def build_manifest(
     return validate_manifest(manifest)
 
 
-def known_artifacts(previous: dict | None, directory: Path) -> dict[str, list[int]]:
+def known_artifacts(
+    previous: dict | None, directory: Path, replacing: str | None = None
+) -> dict[str, list[int]]:
     """What the server agent need not send again: ``{path: [size, mtime_ns]}`` of the previous
-    manifest's artifacts whose holding archive is still in ``directory``. An artifact whose
-    archive is gone is sent again, so a new archive never names a missing one."""
+    manifest's artifacts whose holding archive is still in ``directory`` (that very backup:
+    same backup_id). An artifact whose archive is gone or replaced, or is the file
+    ``replacing`` names (``backup --force`` over it), is sent again, so a new archive never
+    names a missing one."""
     if not previous:
         return {}
-    present: dict[str, bool] = {}
+    present: dict[tuple[str, str], bool] = {}
     known = {}
     for entry in previous["artifacts"]:
-        name = entry["archive"]
-        if name not in present:
-            present[name] = (directory / name).is_file()
-        if present[name]:
+        holder = (entry["archive"], entry["backup_id"])
+        if holder not in present:
+            present[holder] = holder[0] != replacing and _holds(directory / holder[0], holder[1])
+        if present[holder]:
             known[entry["path"]] = [entry["size"], entry["mtime_ns"]]
     return known
+
+
+def _holds(path: Path, backup_id: str) -> bool:
+    """Whether ``path`` is the readable archive of that backup."""
+    try:
+        return path.is_file() and read_manifest(path)["backup_id"] == backup_id
+    except ArchiveError:
+        return False
 
 
 def read_manifest(path: Path) -> dict:

@@ -95,7 +95,7 @@ def backup(args) -> int:
     stackio.require_running(args)
     project = stackio.project_name(args)
     previous = None if args.full else archive.find_previous(path.parent, project, exclude=path)
-    known = archive.known_artifacts(previous, path.parent)
+    known = archive.known_artifacts(previous, path.parent, replacing=path.name)
     progress = stackio.Progress(not (args.quiet or args.json))
     started = time.monotonic()
     backup_id = uuid.uuid4().hex

@@ -193,13 +193,18 @@ def test_build_manifest_unsent_artifact_unknown_before_refused():
         manifest_of(items=[{"path": "1/r/a", "size": 1, "mtime_ns": 5, "sha256": None}])
 
 
-def test_known_artifacts_archive_gone_sent_again(tmp_path):
-    first = manifest_of("a.tar", "2" * 32, items=[
-        {"path": "1/r/a", "size": 1, "mtime_ns": 5, "sha256": SHA_A}])  # fmt: skip
-    assert archive.known_artifacts(first, tmp_path) == {}
-    (tmp_path / "a.tar").write_bytes(b"")
-    assert archive.known_artifacts(first, tmp_path) == {"1/r/a": [1, 5]}
-    assert archive.known_artifacts(None, tmp_path) == {}
+def test_known_artifacts_archive_gone_or_replaced_sent_again(stack, tmp_path):
+    first = Path(backup_to(stack, tmp_path / "backups")["archive"])
+    manifest = archive.read_manifest(first)
+    known = {"1/run0/artifacts/model.pkl": [11], "1/run0/artifacts/plot.png": [14]}
+    assert {p: v[:1] for p, v in archive.known_artifacts(manifest, first.parent).items()} == known
+    assert archive.known_artifacts(manifest, first.parent, replacing=first.name) == {}
+    backup_to(stack, tmp_path / "other", "--output", str(tmp_path / "other/x.tar"))
+    os.replace(tmp_path / "other/x.tar", first)  # the same name, another backup
+    assert archive.known_artifacts(manifest, first.parent) == {}
+    first.unlink()
+    assert archive.known_artifacts(manifest, first.parent) == {}
+    assert archive.known_artifacts(None, first.parent) == {}
 
 
 @pytest.mark.parametrize(
@@ -284,6 +289,14 @@ def test_backup_second_run_copies_only_new_artifacts(stack, tmp_path):
             "artifacts/1/run1/artifacts/new.txt"]  # fmt: skip
     plan = archive.verify_backup(Path(second["archive"]))
     assert plan.artifacts["1/run0/artifacts/model.pkl"].archive == Path(first["archive"])
+
+
+def test_backup_force_over_an_archive_others_name_copies_its_artifacts_again(stack, tmp_path):
+    first = Path(backup_to(stack, tmp_path / "backups")["archive"])
+    backup_to(stack, tmp_path / "backups", "--output", str(tmp_path / "backups/b2.tar"))
+    again = backup_to(stack, tmp_path / "backups", "--output", str(first), "--force")
+    assert again["artifacts_copied"] == 2
+    assert archive.verify_backup(first).artifacts["1/run0/artifacts/model.pkl"].archive == first
 
 
 def test_backup_changed_artifact_copied_again(stack, tmp_path):
