@@ -1,11 +1,12 @@
-"""stackctl backup and restore on real stacks (scripts/mlflowstack/backup.py, restore.py).
+"""stackctl backup, restore and gc on real stacks (scripts/mlflowstack/backup.py, restore.py,
+gc.py).
 
 A backup of the test stack is taken while an MLflow client keeps logging metrics; it is
 restored onto a second, empty stack (its own compose project, started here with ``up -d
 --wait`` and removed with ``down -v``), which must then hold the same experiments, runs,
 params, metrics (every step), tags, registered models, versions, aliases and artifact bytes,
 and let the same users log in. A corrupted copy of the archive is refused first and changes
-nothing there.
+nothing there. Last, gc runs on the restored stack (it is ours to delete from).
 """
 
 import contextlib
@@ -22,6 +23,7 @@ import pytest
 import requests
 from conftest import PROJECT, ROOT, _free_port
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 SECOND = f"{PROJECT}-restored"
 USER, PASSWORD = "bk-alice", "bk-alice-Secret-5t7u"
@@ -248,3 +250,29 @@ def test_restore_onto_empty_stack_same_data_same_logins(
     if second_stack["admin"] != admin[1]:
         answer = requests.get(url, auth=("admin", second_stack["admin"]))
         assert answer.status_code == 401
+
+
+def test_gc_on_restored_stack_dry_run_then_delete(second_stack, admin, tmp_path):
+    """stackctl gc in the real server container (its MLflow, its volumes)."""
+    (tmp_path / "old.txt").write_text("old\n")
+    with client_as(second_stack["url"], *admin) as client:
+        run = client.create_run("0", run_name="bk-gc")
+        client.log_artifact(run.info.run_id, str(tmp_path / "old.txt"))
+        client.delete_run(run.info.run_id)
+    artifacts = f"/var/lib/mlflow/artifacts/0/{run.info.run_id}/artifacts"
+    exists = [*second_stack["cmd"], "exec", "-T", "server", "test", "-d", artifacts]
+
+    dry = host_stackctl(second_stack["env"], "gc", "--older-than", "0", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert run.info.run_id in [r["run_id"] for r in json.loads(dry.stdout)["runs"]]
+    assert subprocess.run(exists, env=second_stack["env"]).returncode == 0
+
+    kept = host_stackctl(second_stack["env"], "gc", "--older-than", "1")
+    assert kept.returncode == 0 and "deleted 0 experiments, 0 runs" in kept.stderr, kept.stderr
+
+    done = host_stackctl(second_stack["env"], "gc", "--older-than", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"run {run.info.run_id} 'bk-gc'" in done.stdout
+    assert subprocess.run(exists, env=second_stack["env"]).returncode == 1
+    with client_as(second_stack["url"], *admin) as client, pytest.raises(MlflowException):
+        client.get_run(run.info.run_id)
