@@ -174,15 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verifies FILE (and the earlier archives it names, beside it) completely, "
         "then stops nginx, auth and server, writes, and starts them again.",
     )
-    restoring.add_argument("file", metavar="FILE")
+    restoring.add_argument("file", metavar="FILE", help="an archive stackctl backup wrote")
     restoring.add_argument("--force", action="store_true", help="replace a stack that is not empty")
     _report_options(restoring)
     restoring.set_defaults(run=restore.restore)
 
     collecting = sub.add_parser(
-        "gc", help="delete for good what was deleted more than DAYS days ago (mlflow gc)"
+        "gc",
+        help="delete for good what was deleted more than DAYS days ago (mlflow gc)",
+        description="MLflow's mlflow gc in the server container: runs and experiments in the "
+        "deleted stage for more than DAYS days, their logged models and artifacts, go for good.",
     )
-    collecting.add_argument("--older-than", metavar="DAYS", type=int, required=True)
+    collecting.add_argument(
+        "--older-than", metavar="DAYS", type=int, required=True, help="deleted before DAYS days"
+    )
     collecting.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     collecting.add_argument("--json", action="store_true", help="report as one JSON object")
     collecting.set_defaults(run=gc.gc)

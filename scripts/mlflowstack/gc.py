@@ -13,9 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlflowstack import commands
+from mlflowstack import commands, stackio
 from mlflowstack.files import BundleError
-from mlflowstack.stackio import human, require_running
 
 AGENT = Path(__file__).with_name("gcagent.py")
 
@@ -23,7 +22,7 @@ AGENT = Path(__file__).with_name("gcagent.py")
 def gc(args) -> int:
     if args.older_than < 0:
         raise BundleError("--older-than: DAYS must be 0 or more")
-    require_running(args)
+    stackio.require_running(args)
     mode = "dry-run" if args.dry_run else "delete"
     command = commands.compose_command(
         args, "exec", "-T", "server", "python", "-c", AGENT.read_text(), str(args.older_than), mode
@@ -46,10 +45,11 @@ def gc(args) -> int:
         print(f"logged model {model['model_id']}")
     for uri in report["unresolved"]:
         print(f"gc: warning: {uri!r} is not in the artifacts volume; left alone", file=sys.stderr)
+    size = stackio.human(report["artifact_bytes"])
     print(
         f"gc: {verb} {len(report['experiments'])} experiments, {len(report['runs'])} runs, "
-        f"{len(report['logged_models'])} logged models and {human(report['artifact_bytes'])} "
-        f"of artifacts deleted more than {args.older_than} days ago",
+        f"{len(report['logged_models'])} logged models and {size} of artifacts deleted more "
+        f"than {args.older_than} days ago",
         file=sys.stderr,
     )
     return 0

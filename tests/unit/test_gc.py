@@ -87,3 +87,11 @@ def test_run_recently_deleted_kept_by_older_than(store):
     report = gcagent.run(1, dry_run=False)
     assert report["runs"] == [] and report["experiments"] == []
     assert files_under(root) == before
+
+
+def test_gc_command_negative_days_refused_before_docker(monkeypatch, capsys):
+    from mlflowstack import cli, stackio
+
+    monkeypatch.setattr(stackio, "require_running", lambda args: pytest.fail("docker asked"))
+    assert cli.main(["gc", "--older-than", "-1"]) == 1
+    assert capsys.readouterr().err == "stackctl: --older-than: DAYS must be 0 or more\n"
