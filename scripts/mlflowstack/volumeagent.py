@@ -41,6 +41,7 @@ import sqlite3
 import sys
 import tarfile
 import tempfile
+import time
 
 DB_PATH = os.environ.get("MLFLOW_BACKEND_STORE_URI", "sqlite:////var/lib/mlflow/db/mlflow.db")
 DB_PATH = DB_PATH.removeprefix("sqlite:///")
@@ -52,6 +53,7 @@ OURS = ".stackctl-"
 CHUNK = 1 << 20
 # Users and secrets files are small; a bigger one in a stream is not ours.
 SMALL_FILE_LIMIT = 16 << 20
+STALE_SECONDS = 24 * 3600
 
 
 class AgentError(Exception):
@@ -139,8 +141,22 @@ def walk_artifacts(root: str):
                 yield os.path.relpath(path, root).replace(os.sep, "/"), os.lstat(path)
 
 
+def remove_stale(directory: str, now: float) -> None:
+    """Our temporary files and directories left by a backup or restore that was killed (a
+    day old: any running one is younger)."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(OURS) and os.lstat(path).st_mtime < now - STALE_SECONDS:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+
 def dump_server(stdin, stdout) -> None:
     known = json.loads(stdin.read() or b"{}")
+    remove_stale(os.path.dirname(DB_PATH), time.time())
     from importlib import metadata
 
     listing = {"mlflow_version": metadata.version("mlflow"), "artifacts": [], "skipped": []}
@@ -228,6 +244,8 @@ def load_server(stdin, stdout) -> None:
     expected = {"db/mlflow.db": expect["database"]}
     for path, digest in expect["artifacts"].items():
         expected["artifacts/" + safe_relative(path)] = digest
+    for directory in (os.path.dirname(DB_PATH), ARTIFACTS):
+        remove_stale(directory, time.time())
     staging = tempfile.mkdtemp(dir=ARTIFACTS, prefix=OURS)
     db_stage = os.path.join(os.path.dirname(DB_PATH), OURS + "restore.db")
     with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,7 @@ import sqlite3
 import stat
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -642,3 +643,13 @@ def test_backup_after_renamed_archive_refers_to_its_new_name(stack, tmp_path):
     assert second["artifacts_copied"] == 0
     plan = archive.verify_backup(Path(second["archive"]))
     assert plan.artifacts["1/run0/artifacts/model.pkl"].archive.name == "first.tar"
+
+
+def test_remove_stale_only_our_day_old_leftovers(tmp_path):
+    for name in (".stackctl-old.db", ".stackctl-new.db", "mlflow.db", ".stackctl-olddir"):
+        (tmp_path / name).mkdir() if name.endswith("dir") else (tmp_path / name).write_text("x")
+    day_ago = time.time() - volumeagent.STALE_SECONDS - 60
+    for name in (".stackctl-old.db", ".stackctl-olddir", "mlflow.db"):
+        os.utime(tmp_path / name, (day_ago, day_ago))
+    volumeagent.remove_stale(str(tmp_path), time.time())
+    assert sorted(os.listdir(tmp_path)) == [".stackctl-new.db", "mlflow.db"]
