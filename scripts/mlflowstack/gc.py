@@ -9,11 +9,10 @@ MLflow's refusal is one line, exit 1. The server keeps running (SQLite serialise
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from mlflowstack import commands, stackio
+from mlflowstack import stackio
 from mlflowstack.files import BundleError
 
 AGENT = Path(__file__).with_name("gcagent.py")
@@ -24,15 +23,10 @@ def gc(args) -> int:
         raise BundleError("--older-than: DAYS must be 0 or more")
     stackio.require_running(args)
     mode = "dry-run" if args.dry_run else "delete"
-    command = commands.compose_command(
-        args, "exec", "-T", "server", "python", "-c", AGENT.read_text(), str(args.older_than), mode
-    )
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    if result.returncode:
-        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {result.returncode}"
-        raise BundleError(f"gc failed, nothing more was deleted: {reason[:300]}")
-    report = json.loads(result.stdout)
+    try:
+        report = stackio.agent_json(args, "server", mode, str(args.older_than), script=AGENT)
+    except BundleError as error:
+        raise BundleError(f"gc failed, nothing more was deleted: {error}") from None
     if args.json:
         print(json.dumps(report))
         return 0

@@ -1,7 +1,7 @@
 """The side of ``stackctl gc`` that runs in the server container: MLflow's own ``mlflow gc``
 against the backend store, with its artifact deletions pointed at the artifacts volume.
 
-Run by the host as ``python -c SOURCE DAYS delete|dry-run`` (``docker compose exec server``).
+Run by the host as ``python -c SOURCE delete|dry-run DAYS`` (``docker compose exec server``).
 Prints one JSON object: the runs, experiments and logged models MLflow's gc chose (those in the
 ``deleted`` lifecycle stage for more than DAYS days, and the runs of such experiments), the
 artifact directories and their bytes. With ``dry-run`` the same selection is made by the same
@@ -111,11 +111,11 @@ def run(days: int, dry_run: bool) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[0].isdigit() or argv[1] not in ("delete", "dry-run"):
-        print("gcagent: usage: DAYS delete|dry-run", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ("delete", "dry-run") or not argv[1].isdigit():
+        print("gcagent: usage: delete|dry-run DAYS", file=sys.stderr)
         return 2
     try:
-        report = run(int(argv[0]), argv[1] == "dry-run")
+        report = run(int(argv[1]), argv[0] == "dry-run")
     except Exception as error:  # MLflow's refusals and store errors: one line for the host
         message = " ".join(str(error).split())[:300]
         print(f"gcagent: {type(error).__name__}: {message}", file=sys.stderr)

@@ -57,8 +57,8 @@ def human(size: int) -> str:
     return str(size)
 
 
-def _agent_command(args, place: str, mode: str) -> list[str]:
-    """``python -c AGENT MODE`` where ``place`` says: ``server``, the running server
+def _agent_command(args, place: str, words: tuple[str, ...], script: Path) -> list[str]:
+    """``python -c SCRIPT WORDS...`` where ``place`` says: ``server``, the running server
     (``exec``); ``server-run``, a one-off container of the server's image with its volumes
     (the server stopped; ``--pull never``, as the service's ``pull_policy: build`` would build
     and print on stdout); ``files``, the auth image's stackctl service (users, secrets)."""
@@ -70,17 +70,18 @@ def _agent_command(args, place: str, mode: str) -> list[str]:
     else:
         commands._build_auth_image_if_missing(args)
         where = ["run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "stackctl"]
-    return commands.compose_command(args, *where, "-c", AGENT.read_text(), mode)
+    return commands.compose_command(args, *where, "-c", script.read_text(), *words)
 
 
 @contextlib.contextmanager
-def agent(args, place: str, mode: str):
-    """The agent as a process (stdin, stdout pipes); its failure raises BundleError with its
-    last stderr line."""
+def agent(args, place: str, *words: str, script: Path = AGENT):
+    """The agent as a process (stdin, stdout pipes; ``words[0]`` names what it does); its
+    failure raises BundleError with its last stderr line."""
+    mode = words[0]
     with tempfile.TemporaryFile() as errors:
         try:
             process = subprocess.Popen(
-                _agent_command(args, place, mode),
+                _agent_command(args, place, words, script),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=errors,
@@ -116,8 +117,9 @@ def _agent_failure(mode: str, process, errors) -> str:
     return f"{mode} in the stack failed: {reason[:300]}"
 
 
-def agent_json(args, place: str, mode: str) -> dict:
-    with agent(args, place, mode) as process:
+def agent_json(args, place: str, *words: str, script: Path = AGENT) -> dict:
+    """Run the agent with nothing on stdin; its JSON answer."""
+    with agent(args, place, *words, script=script) as process:
         process.stdin.close()
     return answer(process.rest)
 

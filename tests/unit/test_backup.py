@@ -78,7 +78,7 @@ def stack(tmp_path, monkeypatch):
     monkeypatch.setattr(
         stackio,
         "_agent_command",
-        lambda args, place, mode: [sys.executable, str(stackio.AGENT), mode],
+        lambda args, place, words, script: [sys.executable, str(script), *words],
     )
     monkeypatch.setattr(stackio, "require_running", lambda args: None)
     monkeypatch.setattr(stackio, "project_name", lambda args: "mlflow-stack")
@@ -634,9 +634,9 @@ def test_restore_another_mlflow_version_refused(stack, tmp_path, monkeypatch):
     target(stack, monkeypatch)
     real = stackio.agent_json
 
-    def older(args, place, mode):
-        answer = real(args, place, mode)
-        return {**answer, "mlflow_version": "3.1.0"} if mode == "inspect-server" else answer
+    def older(args, place, *words, **script):
+        answer = real(args, place, *words, **script)
+        return {**answer, "mlflow_version": "3.1.0"} if words == ("inspect-server",) else answer
 
     monkeypatch.setattr(stackio, "agent_json", older)
     status, _, err = stackctl(stack, "restore", str(path))
