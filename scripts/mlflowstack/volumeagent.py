@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import sys
 import tarfile
 import tempfile
@@ -129,17 +130,14 @@ def row_counts(connection: sqlite3.Connection) -> dict[str, int]:
 
 def walk_artifacts(root: str):
     """(relative path, lstat) of every entry below ``root`` in a stable order, never following
-    a link; our own temporary entries are left out."""
+    a link (a link to a directory is an entry, not a way in); our own temporary entries, and
+    entries deleted while the walk goes on, are left out."""
     for directory, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith(OURS))
-        for name in sorted(files):
-            if name.startswith(OURS):
-                continue
+        links = [d for d in dirs if os.path.islink(os.path.join(directory, d))]
+        for name in sorted([f for f in files if not f.startswith(OURS)] + links):
             path = os.path.join(directory, name)
-            yield os.path.relpath(path, root).replace(os.sep, "/"), os.lstat(path)
-        for name in dirs:
-            path = os.path.join(directory, name)
-            if os.path.islink(path):
+            with contextlib.suppress(FileNotFoundError):
                 yield os.path.relpath(path, root).replace(os.sep, "/"), os.lstat(path)
 
 
@@ -148,12 +146,15 @@ def remove_stale(directory: str, now: float) -> None:
     day old: any running one is younger)."""
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if name.startswith(OURS) and os.lstat(path).st_mtime < now - STALE_SECONDS:
+        if not name.startswith(OURS):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another run removed it first
+            if os.lstat(path).st_mtime >= now - STALE_SECONDS:
+                continue
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                os.unlink(path)
 
 
 def dump_server(stdin, stdout) -> None:
@@ -179,25 +180,22 @@ def dump_server(stdin, stdout) -> None:
             os.unlink(snapshot)
         listing["database"] = {"size": size, "sha256": digest, "row_counts": counts}
         # After the snapshot: every artifact its runs name exists by now.
-        for path, stat in walk_artifacts(ARTIFACTS):
-            if not _is_regular(stat.st_mode):
+        for path, info in walk_artifacts(ARTIFACTS):
+            if not stat.S_ISREG(info.st_mode):
                 listing["skipped"].append(path)
                 continue
-            entry = {"path": path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            if known.get(path) == [stat.st_size, stat.st_mtime_ns]:
+            entry = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+            if known.get(path) == [info.st_size, info.st_mtime_ns]:
                 entry["sha256"] = None
             else:
-                entry["size"], entry["sha256"] = _add(
-                    out, "artifacts/" + path, os.path.join(ARTIFACTS, path)
-                )
+                try:
+                    entry["size"], entry["sha256"] = _add(
+                        out, "artifacts/" + path, os.path.join(ARTIFACTS, path)
+                    )
+                except FileNotFoundError:
+                    continue  # deleted since it was listed (nothing of it went into the stream)
             listing["artifacts"].append(entry)
         _add_bytes(out, "listing.json", json.dumps(listing).encode())
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
 
 
 def _receive(archive: tarfile.TarFile, expected: dict[str, str], place) -> None:

@@ -667,3 +667,15 @@ def test_remove_stale_only_our_day_old_leftovers(tmp_path):
         os.utime(tmp_path / name, (day_ago, day_ago))
     volumeagent.remove_stale(str(tmp_path), time.time())
     assert sorted(os.listdir(tmp_path)) == [".stackctl-new.db", "mlflow.db"]
+
+
+def test_backup_links_in_artifacts_skipped_never_followed(stack, tmp_path):
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "key").write_bytes(b"not an artifact")
+    (stack["artifacts"] / "1/run0/artifacts/link-to-dir").symlink_to(secret)
+    (stack["artifacts"] / "1/run0/artifacts/link-to-file").symlink_to(secret / "key")
+    report = backup_to(stack, tmp_path / "backups")
+    assert report["skipped"] == [
+        "1/run0/artifacts/link-to-dir", "1/run0/artifacts/link-to-file"]  # fmt: skip
+    assert b"not an artifact" not in Path(report["archive"]).read_bytes()
