@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from mlflowstack import commands
+from mlflowstack.audit import printable
 from mlflowstack.files import BundleError
 
 AGENT = Path(__file__).with_name("volumeagent.py")
@@ -113,7 +114,8 @@ def agent(args, place: str, *words: str, script: Path = AGENT):
 def _agent_failure(mode: str, process, errors) -> str:
     errors.seek(0)
     lines = errors.read().decode("utf-8", "replace").strip().splitlines()
-    reason = lines[-1] if lines else f"exit status {process.returncode}"
+    # printable(): the line may quote a name a client chose (an artifact's, a run's).
+    reason = printable(lines[-1]) if lines else f"exit status {process.returncode}"
     return f"{mode} in the stack failed: {reason[:300]}"
 
 
@@ -187,5 +189,5 @@ def compose_checked(args, *compose_args: str) -> None:
     result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, check=False)
     if result.returncode:
         lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        reason = printable(lines[-1]) if lines else f"exit status {result.returncode}"
         raise BundleError(f"docker compose {compose_args[0]} failed: {reason[:300]}")

@@ -679,3 +679,17 @@ def test_backup_links_in_artifacts_skipped_never_followed(stack, tmp_path):
     assert report["skipped"] == [
         "1/run0/artifacts/link-to-dir", "1/run0/artifacts/link-to-file"]  # fmt: skip
     assert b"not an artifact" not in Path(report["archive"]).read_bytes()
+
+
+def test_agent_failure_line_escaped_for_the_terminal(stack, tmp_path):
+    # The agent's last stderr line reaches the operator's terminal; a name in it is a client's.
+    with pytest.raises(BundleError) as refused, stackio.agent(stack, "server", "no-such-mode"):
+        pass
+    assert "volumeagent: usage" in str(refused.value)
+    errors = io.BytesIO(b"volumeagent: load-server: bad name 'a\x1b[31mb'\n")
+
+    class Failed:
+        returncode = 1
+
+    line = stackio._agent_failure("load-server", Failed, errors)
+    assert "\x1b" not in line and "\\x1b[31m" in line
