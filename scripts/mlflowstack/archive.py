@@ -294,9 +294,9 @@ def _verify_members(path: Path, wanted: dict[str, tuple[int, str]], exact: bool)
                     raise ArchiveError(f"{path.name}: {name!r} is not one plain file")
                 size, digest = wanted[name]
                 if member.size != size:
-                    raise ArchiveError(f"{path.name}: {name}: size differs from the manifest")
+                    raise ArchiveError(f"{path.name}: {name!r}: size differs from the manifest")
                 if _sha256(archive.extractfile(member)) != digest:
-                    raise ArchiveError(f"{path.name}: {name}: checksum differs from the manifest")
+                    raise ArchiveError(f"{path.name}: {name!r}: checksum differs from the manifest")
                 seen.add(name)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ArchiveError(f"{path.name}: unreadable ({error}); truncated?") from None

@@ -92,7 +92,7 @@ class HashingReader(io.RawIOBase):
         n = self.left if n is None or n < 0 else min(n, self.left)
         data = self.handle.read(n)
         if len(data) < n:
-            raise AgentError(f"{self.name} changed while it was read; run the backup again")
+            raise AgentError(f"{self.name!r} changed while it was read; run the backup again")
         self.left -= len(data)
         self.digest.update(data)
         return data
@@ -223,7 +223,7 @@ def _receive(archive: tarfile.TarFile, expected: dict[str, str], place) -> None:
                 handle.flush()
                 os.fsync(handle.fileno())
             if digest.hexdigest() != expected[name]:
-                raise AgentError(f"{name}: checksum differs from the manifest")
+                raise AgentError(f"{name!r}: checksum differs from the manifest")
             seen.add(name)
     missing = set(expected) - seen
     if missing:
@@ -333,7 +333,7 @@ def load_files(stdin, stdout) -> None:
                 raise AgentError(f"{name}: too big for a users or secrets file")
             data = archive.extractfile(member).read()
             if hashlib.sha256(data).hexdigest() != expected[name]:
-                raise AgentError(f"{name}: checksum differs from the manifest")
+                raise AgentError(f"{name!r}: checksum differs from the manifest")
             received[name] = data
     if set(received) != set(expected):
         raise AgentError("the stream ended early")

@@ -360,7 +360,7 @@ def test_verify_backup_corrupted_byte_refused(stack, tmp_path):
     at = data.find(b"model bytes")
     data[at] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ArchiveError, match="model.pkl: checksum differs"):
+    with pytest.raises(ArchiveError, match="model.pkl': checksum differs"):
         archive.verify_backup(path)
 
 
