@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     collecting = sub.add_parser(
         "gc",
         help="delete for good what was deleted more than DAYS days ago (mlflow gc)",
-        description="MLflow's mlflow gc in the server container: runs and experiments in the "
-        "deleted stage for more than DAYS days, their logged models and artifacts, go for good.",
+        description="MLflow's mlflow gc in the server container: runs, experiments and logged "
+        "models in the deleted stage for more than DAYS days go for good, with their artifacts.",
     )
     collecting.add_argument(
         "--older-than", metavar="DAYS", type=int, required=True, help="deleted before DAYS days"

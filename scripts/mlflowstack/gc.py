@@ -1,11 +1,12 @@
 """``stackctl gc --older-than DAYS [--dry-run] [--json]``: MLflow's garbage collection.
 
 Contract: runs MLflow's ``mlflow gc`` (mlflowstack/gcagent.py) in the running server container
-against the backend store: runs and experiments deleted (MLflow's ``deleted`` lifecycle stage)
-more than DAYS days ago, their logged models, and their artifacts in the artifacts volume go
-for good. ``--dry-run`` makes the same selection with the same code and deletes nothing.
-Prints a line per object on stdout and a summary on stderr (``--json``: one JSON object).
-MLflow's refusal is one line, exit 1. The server keeps running (SQLite serialises the writes).
+against the backend store: runs, experiments (with all their runs) and logged models deleted
+(MLflow's ``deleted`` lifecycle stage) more than DAYS days ago, and their artifacts in the
+artifacts volume, go for good. ``--dry-run`` makes the same selection with the same code and
+deletes nothing. Prints a line per object on stdout and a summary on stderr (``--json``: one
+JSON object). MLflow's refusal is one line, exit 1. The server keeps running (SQLite
+serialises the writes).
 """
 
 import json
