@@ -8,7 +8,7 @@ errors, from argparse); nothing is written when a command fails.
 import argparse
 import sys
 
-from mlflowstack import audit, commands, ensure, serve
+from mlflowstack import audit, backup, commands, ensure, gc, restore, serve
 from mlflowstack.files import BundleError
 from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
 
@@ -153,6 +153,45 @@ def build_parser() -> argparse.ArgumentParser:
     auditing.add_argument("--json", action="store_true", help="one JSON object per request")
     auditing.set_defaults(run=audit.audit)
 
+    backing = sub.add_parser(
+        "backup",
+        help="one archive of the database, artifacts, users, secrets and .env",
+        description="A consistent snapshot while the stack runs and clients write. Artifacts "
+        "an earlier archive in the same directory holds are not copied again (--full copies "
+        "all). The archive holds the stack's secrets: mode 0600, keep it so.",
+    )
+    backing.add_argument(
+        "--output", metavar="FILE", help="archive path or directory (default: backups/)"
+    )
+    backing.add_argument("--force", action="store_true", help="replace an existing FILE")
+    backing.add_argument("--full", action="store_true", help="copy every artifact again")
+    _report_options(backing)
+    backing.set_defaults(run=backup.backup)
+
+    restoring = sub.add_parser(
+        "restore",
+        help="restore an archive onto an empty stack (verified before anything changes)",
+        description="Verifies FILE (and the earlier archives it names, beside it) completely, "
+        "then stops nginx, auth and server, writes, and starts them again.",
+    )
+    restoring.add_argument("file", metavar="FILE", help="an archive stackctl backup wrote")
+    restoring.add_argument("--force", action="store_true", help="replace a stack that is not empty")
+    _report_options(restoring)
+    restoring.set_defaults(run=restore.restore)
+
+    collecting = sub.add_parser(
+        "gc",
+        help="delete for good what was deleted more than DAYS days ago (mlflow gc)",
+        description="MLflow's mlflow gc in the server container: runs, experiments and logged "
+        "models in the deleted stage for more than DAYS days go for good, with their artifacts.",
+    )
+    collecting.add_argument(
+        "--older-than", metavar="DAYS", type=int, required=True, help="deleted before DAYS days"
+    )
+    collecting.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    collecting.add_argument("--json", action="store_true", help="report as one JSON object")
+    collecting.set_defaults(run=gc.gc)
+
     config = sub.add_parser("config", help="render or check the settings").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -172,6 +211,12 @@ def _password_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cost", type=int, default=MIN_BCRYPT_COST, help=f"bcrypt cost (>= {MIN_BCRYPT_COST})"
     )
+
+
+def _report_options(parser: argparse.ArgumentParser) -> None:
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--quiet", action="store_true", help="print nothing (errors aside)")
+    how.add_argument("--json", action="store_true", help="report as one JSON object")
 
 
 def _command_words(argv: list[str]) -> list[str]:

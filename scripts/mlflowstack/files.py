@@ -3,7 +3,8 @@
 Contract: a file written here is either wholly the old content or wholly the new one, for any
 reader at any moment (temp file in the same directory, fsync, rename, fsync of the directory),
 and has its final mode before it gets its final name. ``create_file`` never replaces an existing
-file unless asked to.
+file unless asked to; nor does ``open_atomic``, the same writer for content too big for memory
+(backup archives).
 """
 
 import contextlib
@@ -52,6 +53,45 @@ def create_file(path: Path, data: bytes, mode: int, *, force: bool = False) -> b
         return False
     write_atomic(path, data, mode)
     return True
+
+
+@contextlib.contextmanager
+def open_atomic(path: Path, mode: int, *, force: bool = False):
+    """Yield a binary file whose content becomes ``path`` when the block ends without an error.
+
+    The file has ``mode`` from its first byte (so a secret is never readable by others, even
+    half written). Without ``force`` an existing ``path`` is never replaced: the final name is
+    taken by ``link``, which fails if it exists, even if another writer took it meanwhile.
+    On any error the temporary file is removed and ``path`` is as it was.
+    """
+    directory = path.parent
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: directory does not exist")
+    if path.exists() and not force:
+        raise BundleError(f"{path} exists, not replaced (--force replaces it)")
+    try:
+        handle, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise BundleError(f"{directory}: cannot write here ({error.strerror})") from error
+    try:
+        with os.fdopen(handle, "wb") as temp:
+            os.fchmod(temp.fileno(), mode)
+            yield temp
+            temp.flush()
+            os.fsync(temp.fileno())
+        if force:
+            os.replace(temp_name, path)
+        else:
+            try:
+                os.link(temp_name, path)
+            except FileExistsError:
+                raise BundleError(f"{path} exists, not replaced (--force replaces it)") from None
+            os.unlink(temp_name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    _fsync_directory(directory)
 
 
 def copy_atomic(source: Path, target: Path) -> None:
