@@ -206,14 +206,16 @@ class SecondStack:
     IMAGES = ("auth", "server", "nginx")
 
     def __init__(self, suffix: str, *overrides: Path, env: dict[str, str] | None = None):
+        """``command``: its ``docker compose`` words; ``env``: the environment they (and a
+        host ``scripts/stackctl`` of this stack) run with."""
         self.project = f"{PROJECT}-{suffix}"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         files = [ROOT / "compose.yaml", *overrides]
-        self._command = ["docker", "compose", "-p", self.project]
+        self.command = ["docker", "compose", "-p", self.project]
         for file in files:
-            self._command += ["-f", str(file)]
-        self._env = {
+            self.command += ["-f", str(file)]
+        self.env = {
             **os.environ,
             "COMPOSE_PROJECT_NAME": self.project,
             "HTTP_PORT": str(self.port),
@@ -224,7 +226,7 @@ class SecondStack:
 
     def compose(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(
-            [*self._command, *args], env=self._env, capture_output=True, text=True, check=False
+            [*self.command, *args], env=self.env, capture_output=True, text=True, check=False
         )
         if check and result.returncode:
             raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
@@ -233,11 +235,11 @@ class SecondStack:
     def write_file(self, service: str, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` in the service's volumes, as the service's own user, from
         a one-off container (the service itself may be stopped)."""
-        command = [*self._command, "run", "--rm", "-T", "--no-deps", "--entrypoint", "sh"]
+        command = [*self.command, "run", "--rm", "-T", "--no-deps", "--entrypoint", "sh"]
         script = 'cat > "$1.partial" && mv "$1.partial" "$1"'
         subprocess.run(
             [*command, service, "-c", script, "sh", path],
-            input=data, env=self._env, capture_output=True, check=True,
+            input=data, env=self.env, capture_output=True, check=True,
         )  # fmt: skip
 
     def __enter__(self):

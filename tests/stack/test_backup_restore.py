@@ -21,21 +21,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import PROJECT, ROOT, _free_port
+from conftest import PROJECT, ROOT, SecondStack
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-SECOND = f"{PROJECT}-restored"
 USER, PASSWORD = "bk-alice", "bk-alice-Secret-5t7u"
 MODEL = "bk-model"
 
 
-def compose_env(project: str, port: int | None = None) -> dict[str, str]:
-    env = {**os.environ, "COMPOSE_PROJECT_NAME": project}
-    if port is not None:
-        env.update(HTTP_PORT=str(port), PUBLIC_HOSTNAME=f"127.0.0.1:{port},localhost")
-        env.update(SERVE_MODELS="")
-    return env
+def compose_env(project: str) -> dict[str, str]:
+    return {**os.environ, "COMPOSE_PROJECT_NAME": project}
 
 
 def host_stackctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -112,20 +107,13 @@ def everything(client: MlflowClient, where: Path, artifacts_of: str) -> dict:
 @pytest.fixture(scope="module")
 def second_stack(stack):
     """An empty stack of its own project; removed with its volumes at the end."""
-    port = _free_port()
-    env = compose_env(SECOND, port)
-    command = ["docker", "compose", "-p", SECOND, "-f", str(ROOT / "compose.yaml")]
-    up = subprocess.run([*command, "up", "-d", "--wait"], env=env, capture_output=True, text=True)
-    try:
-        assert up.returncode == 0, up.stderr[-3000:]
-        password = subprocess.run(
-            [*command, "exec", "-T", "auth", "cat",
-             "/var/lib/mlflow-stack/users/initial-admin-password"],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        yield {"url": f"http://127.0.0.1:{port}", "env": env, "admin": password, "cmd": command}
-    finally:
-        subprocess.run([*command, "down", "-v"], env=env, capture_output=True)
+    with SecondStack("restored") as second:
+        yield {
+            "url": second.url,
+            "env": second.env,
+            "admin": second.admin()[1],
+            "cmd": second.command,
+        }
 
 
 @pytest.fixture(scope="module")
