@@ -164,6 +164,12 @@ render_tls() {
     fi
     printf 'listen 8443 ssl default_server;\ninclude /etc/nginx/tls/tls.conf;\n' \
         > /etc/nginx/conf.d/site/listen.conf
+    # The serving profile fetches models from http://nginx:8080 on the backend network (no
+    # certificate names "nginx"): that one name stays on the site over plain HTTP; every other
+    # name on 8080 goes to the redirect server, the default there.
+    if [ -n "$(serve_model_names)" ]; then
+        printf 'listen 8080;\nserver_name nginx;\n' >> /etc/nginx/conf.d/site/listen.conf
+    fi
     cp /etc/nginx/tls/http-redirect.conf /etc/nginx/conf.d/02-http-redirect.conf
     names=$(printf '%s' "${PUBLIC_HOSTNAME:-}" | tr ',' ' ')
     if [ -z "$(printf '%s' "$names" | tr -d ' ')" ]; then

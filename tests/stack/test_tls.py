@@ -49,7 +49,8 @@ class TlsStack:
             "BIND_ADDRESS": "127.0.0.1",
             "PUBLIC_HOSTNAME": "localhost,127.0.0.1",
             "TLS_MODE": "self-signed",
-            "SERVE_MODELS": "",
+            # Listed, never started: nginx then keeps the serving profile's way in (below).
+            "SERVE_MODELS": "tls-model@production",
         }
         ca_bundle = compose_build_ca_bundle(ROOT / "compose.yaml")
         if ca_bundle:
@@ -184,6 +185,16 @@ def test_http_foreign_host_no_redirect(tls_stack, host):
     )
     assert response.status_code == 421
     assert "Location" not in response.headers
+
+
+def test_http_serving_profile_host_reaches_site_not_redirect(tls_stack):
+    """The serving container fetches models from http://nginx:8080 (no certificate names it):
+    that name is the site over plain HTTP, asking for a login; it is never redirected."""
+    response = requests.get(
+        tls_stack.http + "/api/2.0/mlflow/experiments/search",
+        headers={"Host": "nginx:8080"}, allow_redirects=False, timeout=10,
+    )  # fmt: skip
+    assert response.status_code == 401
 
 
 def test_http_redirect_raw_bytes_path_not_passed(tls_stack):
