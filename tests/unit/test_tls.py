@@ -1,6 +1,6 @@
 """HTTPS certificates (scripts/mlflowstack/tls.py, tlsctl.py) and nginx's TLS files, without
 Docker: the host's openssl makes and reads the certificates, as stackctl does.
-tests/stack/test_tls.py checks the running stack."""
+tests/stack/test_tls_stack.py checks the running stack."""
 
 import datetime
 import re
