@@ -4,6 +4,9 @@
 # -f: settings are split into words below, and a word must never expand to file names
 # (SERVE_MODELS="[x]roc/1" would become "proc/1" after its check).
 set -euf
+# What this script reads and writes (the rendered files still name /etc/nginx, where nginx
+# finds them): another directory only for tests/unit/test_entrypoint_tls.py.
+NGINX_DIR=${NGINX_DIR:-/etc/nginx}
 
 # PUBLIC_HOSTNAME ("host[:port],...") -> a map of allowed Host headers. An entry without a
 # port allows that host on any port; unset allows any host (first start on a fresh clone).
@@ -157,20 +160,20 @@ check_tls() {
 # of PUBLIC_HOSTNAME (already checked by render_hosts_map), ports dropped, or the self-signed
 # certificate's names when it is empty; and the published HTTPS port.
 render_tls() {
-    mkdir -p /etc/nginx/conf.d/site
+    mkdir -p "$NGINX_DIR/conf.d/site"
     if ! tls_on; then
-        echo 'listen 8080 default_server;' > /etc/nginx/conf.d/site/listen.conf
+        echo 'listen 8080 default_server;' > "$NGINX_DIR/conf.d/site/listen.conf"
         return 0
     fi
     printf 'listen 8443 ssl default_server;\ninclude /etc/nginx/tls/tls.conf;\n' \
-        > /etc/nginx/conf.d/site/listen.conf
+        > "$NGINX_DIR/conf.d/site/listen.conf"
     # The serving profile fetches models from http://nginx:8080 on the backend network (no
     # certificate names "nginx"): that one name stays on the site over plain HTTP; every other
     # name on 8080 goes to the redirect server, the default there.
     if [ -n "$(serve_model_names)" ]; then
-        printf 'listen 8080;\nserver_name nginx;\n' >> /etc/nginx/conf.d/site/listen.conf
+        printf 'listen 8080;\nserver_name nginx;\n' >> "$NGINX_DIR/conf.d/site/listen.conf"
     fi
-    cp /etc/nginx/tls/http-redirect.conf /etc/nginx/conf.d/02-http-redirect.conf
+    cp "$NGINX_DIR/tls/http-redirect.conf" "$NGINX_DIR/conf.d/02-http-redirect.conf"
     names=$(printf '%s' "${PUBLIC_HOSTNAME:-}" | tr ',' ' ')
     if [ -z "$(printf '%s' "$names" | tr -d ' ')" ]; then
         names='localhost 127.0.0.1'
@@ -188,7 +191,7 @@ render_tls() {
         [ "$port" = ":443" ] && port=''
         # shellcheck disable=SC2016  # $pid is nginx's variable
         printf 'map $pid $tls_redirect_port {\n    default "%s";\n}\n' "$port"
-    } > /etc/nginx/conf.d/02-tls-redirect-names.conf
+    } > "$NGINX_DIR/conf.d/02-tls-redirect-names.conf"
 }
 
 # The per-installation secret nginx sends to the gate and the server, which refuse requests
@@ -205,7 +208,7 @@ render_proxy_secret() {
         umask 077
         # shellcheck disable=SC2016  # $pid is nginx's variable
         printf 'map $pid $stack_proxy_secret {\n    default "%s";\n}\n' "$secret" \
-            > /etc/nginx/private/proxy-secret.conf
+            > "$NGINX_DIR/private/proxy-secret.conf"
     )
 }
 
@@ -221,7 +224,7 @@ render_serving_secret() {
         umask 077
         # shellcheck disable=SC2016  # $pid is nginx's variable
         printf 'map $pid $serving_proxy_secret {\n    default "%s";\n}\n' "$secret" \
-            > /etc/nginx/private/serving-secret.conf
+            > "$NGINX_DIR/private/serving-secret.conf"
     )
 }
 
@@ -244,8 +247,8 @@ check_tls
 # The root file system is read-only: /etc/nginx/conf.d and /etc/nginx/private are tmpfs mounts
 # (compose.yaml), and nginx's pid and temp files go to /tmp/nginx (nginx.conf).
 mkdir -p /tmp/nginx
-render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
-render_serving_map > /etc/nginx/conf.d/01-serving.conf
+render_hosts_map > "$NGINX_DIR/conf.d/00-hosts.conf"
+render_serving_map > "$NGINX_DIR/conf.d/01-serving.conf"
 render_proxy_secret
 render_serving_secret
 render_tls
@@ -254,8 +257,8 @@ render_tls
 # shellcheck disable=SC2016  # envsubst wants the names literally
 variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL} ${REQUEST_BODY_LIMIT} ${SERVING_BODY_LIMIT}'
 set +f  # the one glob of this script, over our own files
-for template in /etc/nginx/templates/*.template; do
-    target="/etc/nginx/conf.d/$(basename "$template" .template)"
+for template in "$NGINX_DIR"/templates/*.template; do
+    target="$NGINX_DIR/conf.d/$(basename "$template" .template)"
     envsubst "$variables" < "$template" > "$target"
 done
 
