@@ -89,6 +89,19 @@ def certificate_names(public_hostname: str | None) -> list[str]:
     return names or list(DEFAULT_NAMES)
 
 
+def port_warnings(public_hostname: str | None, https_port: str | None) -> list[str]:
+    """PUBLIC_HOSTNAME entries whose port is not HTTPS_PORT: over HTTPS a client's Host names
+    HTTPS_PORT, so nginx would answer 421 to exactly the name the redirect sends it to."""
+    port = (https_port or "443").strip()
+    found = re.findall(r"(?:^|,)\s*([^,\s]*?):([0-9]{1,5})\s*(?=,|$)", public_hostname or "")
+    return [
+        f"PUBLIC_HOSTNAME: {host}:{entry_port} allows only port {entry_port}, but HTTPS is on "
+        f"{port}: list {host} without a port (or with :{port})"
+        for host, entry_port in found
+        if entry_port != port
+    ]
+
+
 def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(name)

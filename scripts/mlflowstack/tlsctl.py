@@ -45,7 +45,9 @@ def check(args, settings: dict[str, str] | None = None) -> tls.Files:
     settings = settings if settings is not None else nginx_settings(args)
     files = tls.Files(_tls_dir(args))
     names = tls.certificate_names(settings.get("PUBLIC_HOSTNAME"))
-    for warning in tls.check_files(files, names, warn_days=args.warn_days):
+    warnings = tls.port_warnings(settings.get("PUBLIC_HOSTNAME"), settings.get("HTTPS_PORT"))
+    warnings += tls.check_files(files, names, warn_days=args.warn_days)
+    for warning in warnings:
         print(f"stackctl: warning: {warning}", file=sys.stderr)
     return files
 

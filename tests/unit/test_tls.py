@@ -114,6 +114,15 @@ def test_certificate_names_bad_entry_refused():
         tls.certificate_names("evil.example/path")
 
 
+def test_port_warnings_entry_with_other_port_warns():
+    (warning,) = tls.port_warnings("a.example.com:8080, b.example.com,[::1]:8443", "8443")
+    assert warning.startswith("PUBLIC_HOSTNAME: a.example.com:8080 allows only port 8080")
+
+
+def test_port_warnings_no_port_or_https_port_silent():
+    assert tls.port_warnings("a.example.com,b.example.com:443", None) == []
+
+
 def test_check_files_fresh_certificate_no_warning(files):
     assert tls.check_files(files, NAMES) == []
 
