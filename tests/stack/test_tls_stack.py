@@ -112,15 +112,20 @@ def client_env(tls_stack, monkeypatch):
 
 def test_mlflow_client_with_ca_logs_run_over_https(client_env, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", client_env.ca)
-    mlflow.set_tracking_uri(client_env.https)
-    mlflow.set_experiment(f"tls-{uuid.uuid4().hex[:8]}")
     artifact = tmp_path / "note.txt"
     artifact.write_text("over https\n")
-    with mlflow.start_run() as run:
-        mlflow.log_param("transport", "https")
-        mlflow.log_metric("accuracy", 0.9)
-        mlflow.log_artifact(str(artifact))
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=client_env.https)
+    experiment = client.create_experiment(f"tls-{uuid.uuid4().hex[:8]}")
+    # Process-wide in MLflow: set for this test only (the session's other tests use the
+    # shared stack), and no active experiment is left behind.
+    mlflow.set_tracking_uri(client_env.https)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_param("transport", "https")
+            mlflow.log_metric("accuracy", 0.9)
+            mlflow.log_artifact(str(artifact))
+    finally:
+        mlflow.set_tracking_uri(None)
     data = client.get_run(run.info.run_id).data
     assert data.params == {"transport": "https"} and data.metrics == {"accuracy": 0.9}
     downloaded = client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path / "d"))
