@@ -4,6 +4,9 @@
 # -f: settings are split into words below, and a word must never expand to file names
 # (SERVE_MODELS="[x]roc/1" would become "proc/1" after its check).
 set -euf
+# What this script reads and writes (the rendered files still name /etc/nginx, where nginx
+# finds them): another directory only for tests/unit/test_entrypoint_tls.py.
+NGINX_DIR=${NGINX_DIR:-/etc/nginx}
 
 # PUBLIC_HOSTNAME ("host[:port],...") -> a map of allowed Host headers. An entry without a
 # port allows that host on any port; unset allows any host (first start on a fresh clone).
@@ -108,6 +111,89 @@ check_auth_cache_ttl() {
     esac
 }
 
+# TLS_MODE: off (plain HTTP on 8080, as before), or self-signed / files (HTTPS on 8443 with
+# the certificate `stackctl tls reload` put into the tls volume; plain HTTP only redirects).
+# The two TLS modes differ in where the certificate comes from, not here.
+TLS_PEM=${TLS_PEM:-/var/lib/mlflow-stack/tls/server.pem}
+tls_on() {
+    [ "${TLS_MODE:-off}" != off ]
+}
+
+check_tls() {
+    case "${TLS_MODE:-off}" in
+        off | self-signed | files) ;;
+        *)
+            echo "docker-entrypoint: TLS_MODE: '${TLS_MODE:-}' is not off, self-signed or files" >&2
+            return 1
+            ;;
+    esac
+    if ! printf '%s\n' "${HTTPS_PORT:-443}" | grep -Eq '^[1-9][0-9]{0,4}$'; then
+        echo "docker-entrypoint: HTTPS_PORT: '${HTTPS_PORT:-}' is not a port number" >&2
+        return 1
+    fi
+    # compose.tls.yaml publishes 8443 and mounts the tls volume; it says so with TLS_COMPOSE_FILE.
+    if tls_on && [ -z "${TLS_COMPOSE_FILE:-}" ]; then
+        echo "docker-entrypoint: TLS_MODE=${TLS_MODE} needs compose.tls.yaml (COMPOSE_FILE=compose.yaml:compose.tls.yaml in .env), which publishes HTTPS_PORT" >&2
+        return 1
+    fi
+    if ! tls_on && [ -n "${TLS_COMPOSE_FILE:-}" ]; then
+        echo "docker-entrypoint: compose.tls.yaml publishes HTTPS_PORT but TLS_MODE is off: set TLS_MODE, or drop compose.tls.yaml from COMPOSE_FILE" >&2
+        return 1
+    fi
+    if tls_on && ! [ -r "$TLS_PEM" ]; then
+        echo "docker-entrypoint: TLS_MODE=${TLS_MODE}: no certificate in the tls volume: run scripts/stackctl tls reload (after scripts/stackctl tls self-signed for self-signed)" >&2
+        return 1
+    fi
+    # One line, and nginx still starts: a loopback-only or TLS-terminating setup is fine.
+    if ! tls_on; then
+        case "${BIND_ADDRESS:-}" in
+            127.* | ::1 | '[::1]' | localhost | '') ;;
+            *)
+                echo "docker-entrypoint: warning: TLS_MODE=off and BIND_ADDRESS=${BIND_ADDRESS} is not loopback: passwords and tokens cross the network in the clear (README, HTTPS)" >&2
+                ;;
+        esac
+    fi
+}
+
+# conf.d/site/listen.conf (the site server's listener, templates/mlflow.conf.template) and,
+# with TLS on, the plain-HTTP redirect server and what its redirects may name: the host names
+# of PUBLIC_HOSTNAME (already checked by render_hosts_map), ports dropped, or the self-signed
+# certificate's names when it is empty; and the published HTTPS port.
+render_tls() {
+    mkdir -p "$NGINX_DIR/conf.d/site"
+    if ! tls_on; then
+        echo 'listen 8080 default_server;' > "$NGINX_DIR/conf.d/site/listen.conf"
+        return 0
+    fi
+    printf 'listen 8443 ssl default_server;\ninclude /etc/nginx/tls/tls.conf;\n' \
+        > "$NGINX_DIR/conf.d/site/listen.conf"
+    # The serving profile fetches models from http://nginx:8080 on the backend network (no
+    # certificate names "nginx"): that one name stays on the site over plain HTTP; every other
+    # name on 8080 goes to the redirect server, the default there.
+    if [ -n "$(serve_model_names)" ]; then
+        printf 'listen 8080;\nserver_name nginx;\n' >> "$NGINX_DIR/conf.d/site/listen.conf"
+    fi
+    cp "$NGINX_DIR/tls/http-redirect.conf" "$NGINX_DIR/conf.d/02-http-redirect.conf"
+    names=$(printf '%s' "${PUBLIC_HOSTNAME:-}" | tr ',' ' ')
+    if [ -z "$(printf '%s' "$names" | tr -d ' ')" ]; then
+        names='localhost 127.0.0.1'
+    fi
+    {
+        # Keys carry a prefix: a bare "default" or "hostnames" is a map keyword.
+        # shellcheck disable=SC2016  # $host is nginx's variable
+        printf 'map host:$host $tls_redirect_host {\n    default "";\n'
+        for entry in $names; do
+            name=$(printf '%s' "$entry" | sed -E 's/:[0-9]+$//' | tr '[:upper:]' '[:lower:]')
+            printf '    "host:%s" "%s";\n' "$name" "$name"
+        done
+        printf '}\n'
+        port=":${HTTPS_PORT:-443}"
+        [ "$port" = ":443" ] && port=''
+        # shellcheck disable=SC2016  # $pid is nginx's variable
+        printf 'map $pid $tls_redirect_port {\n    default "%s";\n}\n' "$port"
+    } > "$NGINX_DIR/conf.d/02-tls-redirect-names.conf"
+}
+
 # The per-installation secret nginx sends to the gate and the server, which refuse requests
 # without it (scripts/mlflowstack/stacksecrets.py). Kept out of conf.d, so that
 # "stackctl config render" never prints it; readable by nginx's user only (mode 0600).
@@ -122,7 +208,7 @@ render_proxy_secret() {
         umask 077
         # shellcheck disable=SC2016  # $pid is nginx's variable
         printf 'map $pid $stack_proxy_secret {\n    default "%s";\n}\n' "$secret" \
-            > /etc/nginx/private/proxy-secret.conf
+            > "$NGINX_DIR/private/proxy-secret.conf"
     )
 }
 
@@ -138,7 +224,7 @@ render_serving_secret() {
         umask 077
         # shellcheck disable=SC2016  # $pid is nginx's variable
         printf 'map $pid $serving_proxy_secret {\n    default "%s";\n}\n' "$secret" \
-            > /etc/nginx/private/serving-secret.conf
+            > "$NGINX_DIR/private/serving-secret.conf"
     )
 }
 
@@ -157,20 +243,22 @@ check_request_body_limit() {
 check_auth_cache_ttl
 check_request_body_limit
 check_serve_models
+check_tls
 # The root file system is read-only: /etc/nginx/conf.d and /etc/nginx/private are tmpfs mounts
 # (compose.yaml), and nginx's pid and temp files go to /tmp/nginx (nginx.conf).
 mkdir -p /tmp/nginx
-render_hosts_map > /etc/nginx/conf.d/00-hosts.conf
-render_serving_map > /etc/nginx/conf.d/01-serving.conf
+render_hosts_map > "$NGINX_DIR/conf.d/00-hosts.conf"
+render_serving_map > "$NGINX_DIR/conf.d/01-serving.conf"
 render_proxy_secret
 render_serving_secret
+render_tls
 
 # Only our variables are substituted, so nginx's own $variables survive.
 # shellcheck disable=SC2016  # envsubst wants the names literally
 variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL} ${REQUEST_BODY_LIMIT} ${SERVING_BODY_LIMIT}'
 set +f  # the one glob of this script, over our own files
-for template in /etc/nginx/templates/*.template; do
-    target="/etc/nginx/conf.d/$(basename "$template" .template)"
+for template in "$NGINX_DIR"/templates/*.template; do
+    target="$NGINX_DIR/conf.d/$(basename "$template" .template)"
     envsubst "$variables" < "$template" > "$target"
 done
 

@@ -72,6 +72,7 @@ class Target:
     close: bool = False  # one connection per request ("Connection: close")
     path: str = ""  # the URL path of a prediction (kind "predict")
     headers: tuple[str, ...] = ()  # more request headers, "Name: value"
+    scheme: str = "http"  # "https": wrk speaks TLS (it does not check the certificate)
 
 
 @dataclasses.dataclass
@@ -117,7 +118,7 @@ def _command(
         command += ["-H", "Connection: close"]
     for header in target.headers:
         command += ["-H", header]
-    return [*command, f"http://127.0.0.1:{target.port}", "--", kind, *arguments]
+    return [*command, f"{target.scheme}://127.0.0.1:{target.port}", "--", kind, *arguments]
 
 
 def start_wrk(

@@ -117,6 +117,9 @@ class Report:
     # When it was read ("loaded, idle", "after the cell") -> the container's processes.
     serving_processes: dict[str, list[Process]] = dataclasses.field(default_factory=dict)
     serving_container: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    # The https section (stackbench/https.py): its runs, and how long nginx took to restart.
+    https: Results = dataclasses.field(default_factory=dict)
+    https_restart: float | None = None
     seconds: float = 0.0
     goals: list[Goal] = dataclasses.field(default_factory=list)
 
@@ -199,6 +202,7 @@ class Report:
             (self.writers, self._render_writers),
             (self.artifacts, self._render_artifacts),
             (self.serving or self.serving_starts, self._render_serving),
+            (self.https, self._render_https),
         ):
             if present:
                 lines += ["", *section()]
@@ -540,6 +544,15 @@ class Report:
             r.failures for (_, _, path), runs in self.serving.items() if path in paths for r in runs
         )
 
+    def _render_https(self) -> list[str]:
+        from stackbench import https
+
+        lines, name, measured, target, ok = https.render(
+            self.https, self.reps, self.https_restart
+        )  # fmt: skip
+        self.goals.append(Goal(name, measured, target, ok))
+        return lines
+
     def _render_footprint(self) -> list[str]:
         out = ["Idle memory (docker stats --no-stream) and start-up"]
         out += [f"  {service:<12}{_mib(size):>12}" for service, size in self.idle_memory.items()]
@@ -581,6 +594,10 @@ class Report:
                     for when, found in self.serving_processes.items()
                 },
                 "container_memory": self.serving_container,
+            },
+            "https": {
+                "restart_seconds": self.https_restart,
+                "runs": _runs_json(self.https),
             },
             "seconds": self.seconds,
         }

@@ -4,7 +4,8 @@ Contract: ``BenchStack`` drives ``docker compose -p mlflowstack-bench -f compose
 -f bench/compose.bench.yaml`` with every port published on 127.0.0.1 (free ports picked at
 start), with settings from the environment only (the repository's ``.env`` is not read, but for
 the build's CA bundle). On a machine others share, ``BENCH_PROJECT`` names another project and
-``BENCH_PORT_BASE`` takes the ports from BASE on (edge, no-auth, direct, basic-auth, serving).
+``BENCH_PORT_BASE`` takes the ports from BASE on (edge, no-auth, direct, basic-auth, serving,
+https, no-auth over TLS).
 With ``serve_model`` the stack is started with ``SERVE_MODELS`` naming it, so nginx routes it and
 init makes the serving token; the ``serve`` profile itself is started by the benchmark.
 ``down()`` removes containers, network and volumes and may be called at any time, more than
@@ -19,6 +20,7 @@ import re
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "mlflowstack-bench"
 SERVING = "serving"
 COMPOSE_FILES = (ROOT / "compose.yaml", ROOT / "bench" / "compose.bench.yaml")
+TLS_COMPOSE_FILES = (ROOT / "compose.tls.yaml", ROOT / "bench" / "compose.bench-tls.yaml")
 STACK = ("nginx", "auth", "server")
 BASELINE = "basicauth"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -48,13 +51,15 @@ def free_port() -> int:
 @dataclasses.dataclass(frozen=True)
 class Ports:
     """Host ports, all on 127.0.0.1: the edge, nginx without auth, the server, basic-auth, the
-    first scoring process."""
+    first scoring process; the https section's edge and nginx without auth over TLS."""
 
     edge: int
     noauth: int
     direct: int
     basicauth: int
     serving: int
+    https: int
+    noauth_tls: int
 
 
 def pick_ports(base: str | None) -> Ports:
@@ -104,6 +109,8 @@ class BenchStack:
             "BENCH_DIRECT_PORT": str(self.ports.direct),
             "BENCH_BASICAUTH_PORT": str(self.ports.basicauth),
             "BENCH_SERVING_PORT": str(self.ports.serving),
+            "HTTPS_PORT": str(self.ports.https),
+            "BENCH_NOAUTH_TLS_PORT": str(self.ports.noauth_tls),
             # Only when the serving cell runs: the other cells measure the stack without it.
             "SERVE_MODELS": serve_model or "",
             "BENCH_BASICAUTH_ADMIN_PASSWORD": self.basicauth_admin_password,
@@ -163,6 +170,24 @@ class BenchStack:
         self.compose(*options, "up", "-d", "--wait", "--no-build", *services)
         self._cgroups.clear()
         return time.monotonic() - start
+
+    def enable_tls(self, directory: Path) -> float:
+        """Switch the running stack to TLS_MODE=self-signed, as an operator would (README,
+        HTTPS): stackctl makes the certificate in ``directory`` and installs it, then ``up``
+        recreates nginx with compose.tls.yaml and the no-auth TLS server; the seconds ``up``
+        took. Plain HTTP then only redirects, so this is the last section of a run."""
+        self.files = (*self.files, *TLS_COMPOSE_FILES)
+        self.env["TLS_MODE"] = "self-signed"
+        stackctl_env = {**self.env, "COMPOSE_FILE": os.pathsep.join(map(str, self.files))}
+        for command in (("self-signed", "--force"), ("reload",)):
+            result = subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "stackctl"), "tls", *command,
+                 "--tls-dir", str(directory)],
+                env=stackctl_env, capture_output=True, text=True, check=False, timeout=300,
+            )  # fmt: skip
+            if result.returncode:
+                raise BenchError(f"stackctl tls {command[0]} failed: {result.stderr.strip()}")
+        return self.up("nginx")
 
     def forget(self, service: str) -> None:
         """``service``'s container was replaced outside ``up``: find its cgroup again."""

@@ -8,7 +8,7 @@ errors, from argparse); nothing is written when a command fails.
 import argparse
 import sys
 
-from mlflowstack import audit, backup, commands, ensure, gc, restore, serve
+from mlflowstack import audit, backup, commands, ensure, gc, restore, serve, tlsctl
 from mlflowstack.files import BundleError
 from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
 
@@ -198,10 +198,54 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_parser(
         "render", help="print nginx's site config as rendered from .env"
     ).set_defaults(run=commands.config_render)
-    config.add_parser("check", help="validate compose and nginx settings").set_defaults(
-        run=commands.config_check
+    config_check = config.add_parser(
+        "check", help="validate compose and nginx settings (and, with TLS on, tls/)"
     )
+    _warn_days_option(config_check)
+    _tls_dir_option(config_check)
+    config_check.set_defaults(run=commands.config_check)
+
+    tls_commands = sub.add_parser("tls", help="HTTPS certificates (README, HTTPS)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    self_signed = tls_commands.add_parser(
+        "self-signed",
+        help="make a CA (kept if tls/ has one) and a certificate for PUBLIC_HOSTNAME in tls/",
+    )
+    self_signed.add_argument(
+        "--force", action="store_true", help="replace tls/server.crt and server.key"
+    )
+    _tls_dir_option(self_signed)
+    self_signed.set_defaults(run=tlsctl.tls_self_signed)
+    reload = tls_commands.add_parser(
+        "reload",
+        help="check tls/server.crt and server.key, install them for nginx, reload nginx "
+        "(nothing changes if a check fails)",
+    )
+    _tls_dir_option(reload)
+    _warn_days_option(reload)
+    reload.set_defaults(run=tlsctl.tls_reload)
+    # Inside the auth image only (tls reload runs it): stdin -> the tls volume.
+    install = tls_commands.add_parser("install")
+    install.add_argument("--volume-dir", default=str(tlsctl.VOLUME_DIR))
+    install.set_defaults(run=tlsctl.tls_install)
     return parser
+
+
+def _tls_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-dir", metavar="DIR", help="the certificate files (default: tls/ of the bundle)"
+    )
+
+
+def _warn_days_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--warn-days",
+        type=int,
+        default=30,
+        metavar="N",
+        help="warn when the certificate expires within N days (default 30)",
+    )
 
 
 def _password_options(parser: argparse.ArgumentParser) -> None:

@@ -424,19 +424,31 @@ def project_name_setting(environ) -> str | None:
 def config_render(args) -> int:
     """Print the nginx site config as the nginx image renders it from .env."""
     return _compose(
-        args, "run", "--rm", "-T", "--no-deps", "nginx", "sh", "-c", "cat /etc/nginx/conf.d/*.conf"
+        args,
+        "run",
+        "--rm",
+        "-T",
+        "--no-deps",
+        "nginx",
+        "sh",
+        "-c",
+        "cat /etc/nginx/conf.d/*.conf /etc/nginx/conf.d/site/*.conf",
     )
 
 
 def config_check(args) -> int:
-    """``docker compose config -q``, then ``nginx -t`` on the config rendered from .env.
+    """``docker compose config -q``, with TLS on the files of tls/ (tlsctl.py), then
+    ``nginx -t`` on the config rendered from .env.
 
     Upstreams point at loopback for the check: nginx resolves them at load, and the other
     services need not run.
     """
+    from mlflowstack.tlsctl import config_check_tls  # tlsctl imports this module
+
     status = _compose(args, "config", "--quiet")
     if status:
         raise BundleError("docker compose config failed (see above)")
+    config_check_tls(args)
     status = _compose(
         args,
         "run",

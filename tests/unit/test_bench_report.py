@@ -209,3 +209,26 @@ def test_prediction_command_posts_the_body_to_the_path_without_empty_credentials
     assert len(body["data"]) == 5 and body["columns"] == list(load.IRIS_COLUMNS)
     assert not any(arg.startswith("Authorization") for arg in command)
     assert "Connection: close" in command and "X-Serving-Secret: s" in command
+
+
+def _https_report(auth, noauth) -> Report:
+    report = Report(["log-metric"], [1], len(auth), quick=False)
+    report.https[("log-metric", 1, "tls-auth")] = [_run(rate) for rate in auth]
+    report.https[("log-metric", 1, "tls-noauth")] = [_run(rate) for rate in noauth]
+    return report
+
+
+def test_render_https_cell_per_repetition_ratio_median_decides_goal():
+    passing = _https_report([96, 50, 100], [100, 100, 100])  # ratios 0.96, 0.5, 1.0
+    assert _goal(passing, "https-auth-vs-nginx-without-auth").ok
+    failing = _https_report([90, 94, 100], [100, 100, 100])  # median 0.94
+    goal = _goal(failing, "https-auth-vs-nginx-without-auth")
+    assert not goal.ok and "0.940" in goal.measured
+
+
+def test_https_command_speaks_tls_to_the_port(monkeypatch):
+    from stackbench import load
+
+    monkeypatch.setattr(load, "wrk_binary", lambda: "wrk")
+    target = load.Target(18525, "Basic x", "1", "r", scheme="https")
+    assert "https://127.0.0.1:18525" in load._command(target, "list", 1, 1)

@@ -13,7 +13,15 @@ import pytest
 
 NGINX = Path(__file__).resolve().parents[2] / "nginx"
 TEMPLATE = NGINX / "templates" / "mlflow.conf.template"
-REQUIRED = ("x-content-type-options", "x-frame-options", "referrer-policy")
+REQUIRED = (
+    "x-content-type-options",
+    "x-frame-options",
+    "referrer-policy",
+    # Its value is empty, so not sent, on plain HTTP (the template's $hsts map).
+    "strict-transport-security",
+)
+# With TLS on, plain HTTP is this server (the entrypoint copies it into conf.d).
+REDIRECT_SERVER = NGINX / "tls" / "http-redirect.conf"
 # MLflow's copies of what nginx sets itself: hidden wherever nginx proxies to MLflow.
 MLFLOW_SENDS = ("x-content-type-options", "x-frame-options")
 
@@ -64,11 +72,16 @@ def _site() -> Block:
     # The entrypoint's envsubst settings: any value will do here.
     text = re.sub(r"\$\{[A-Z_]+\}", "1", TEMPLATE.read_text())
     _parse(_tokens(text), root)
-    (server,) = [
-        b
-        for b in root.children
-        if b.name == ["server"] and ["listen", "8080", "default_server"] in b.directives
-    ]
+    # The site's server: its listener (8080, or 8443 with TLS) is rendered by the entrypoint.
+    listener = ["include", "/etc/nginx/conf.d/site/listen.conf"]
+    (server,) = [b for b in root.children if b.name == ["server"] and listener in b.directives]
+    return server
+
+
+def _redirect_server() -> Block:
+    root = Block(["file"])
+    _parse(_tokens(REDIRECT_SERVER.read_text()), root)
+    (server,) = [b for b in root.children if b.name == ["server"]]
     return server
 
 
@@ -83,8 +96,8 @@ def _locations(block: Block, inherited_headers, inherited_hidden):
         yield from _locations(child, headers, hidden)
 
 
-def _all_locations():
-    server = _site()
+def _all_locations(server: Block | None = None):
+    server = server or _site()
     headers = server.own("add_header")
     hidden = {h[0].lower() for h in server.own("proxy_hide_header")}
     return server, list(_locations(server, headers, hidden))
@@ -94,14 +107,18 @@ def _id(value) -> str:
     return value if isinstance(value, str) else ""
 
 
-def test_site_server_level_sends_required_headers_always():
-    server, _ = _all_locations()
+@pytest.mark.parametrize("server", [_site(), _redirect_server()], ids=["site", "http-redirect"])
+def test_site_server_level_sends_required_headers_always(server):
     names = {h[0].lower(): h for h in server.own("add_header")}
     for name in REQUIRED:
         assert name in names and names[name][-1] == "always", name
 
 
-@pytest.mark.parametrize("name, headers, hidden, block", _all_locations()[1], ids=_id)
+@pytest.mark.parametrize(
+    "name, headers, hidden, block",
+    _all_locations()[1] + _all_locations(_redirect_server())[1],
+    ids=_id,
+)
 def test_location_effective_headers_include_required_always(name, headers, hidden, block):
     effective = {}
     for header in headers:
