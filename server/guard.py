@@ -23,6 +23,9 @@ Contract (an ASGI middleware around MLflow's FastAPI app; gunicorn serves ``guar
   ``Content-Length``, or cut off while it streams), except an artifact ``PUT`` to the streaming
   artifact router: MLflow's Flask app reads a body into memory whole, and nginx can lift its
   own limit only per location, not per method.
+- A body larger than a few KB waits for the worker's one slot for large bodies, and one with
+  more structure than any MLflow call needs is refused before MLflow parses it
+  (``largebodies.py`` says why: MLflow's parse multiplies a body's size ~75 times).
 - Once checked, the proxy secret and the identity headers (every ``X-Stack-*``) are removed
   from what MLflow sees, so nothing it forwards (AI-gateway passthrough sends the incoming
   headers to providers) carries them; the verified identity stays in
@@ -45,6 +48,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import identity
+import largebodies
 
 log = logging.getLogger("mlflow_stack.guard")
 
@@ -59,7 +63,7 @@ _CREATE_EXPERIMENT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow/experiments/create"
 _ARTIFACT_LOCATION_KEYS = frozenset({"artifactlocation"})
 _ALLOWED_LOCATION = re.compile(r"mlflow-artifacts:/(?!/)[A-Za-z0-9._~/-]*")
 _USER = re.compile(r"[\x21-\x7e]{1,512}")
-_ARTIFACT_PUT = re.compile(r"/(?:ajax-)?api/2\.0/mlflow-artifacts/artifacts/.+")
+_ARTIFACT_PUT = largebodies.ARTIFACT_PUT
 MAX_CREATE_BODY = 1 << 20
 
 
@@ -289,4 +293,4 @@ def create_app():
     from mlflow.server.fastapi_app import app
 
     identity.install()
-    return Guard(app, secret, body_limit)
+    return Guard(largebodies.LargeBodies(app), secret, body_limit)
