@@ -16,10 +16,10 @@ Contract, step by step (:func:`upgrade` reads in this order):
 6. the health check of step 1 again, for up to ``--timeout`` seconds.
 
 A failure at 4-6 rolls back (:func:`rollback`): the ``pre-upgrade`` images get their names back;
-after 5 or 6 the server is stopped and, only if the database's schema revision moved (the new
-server migrated it), the database is put back: from the server's own copy taken at the
-migration (``pre-upgrade/`` in the db volume: the last state the old server wrote, writes made
-during the build included), else from the archive of step 3 (the database alone). Artifacts,
+after 5 or 6 the server is stopped and, only if the new server began to migrate the database
+(it made its copy, or the revision moved), the database is put back: from that copy
+(``pre-upgrade/`` in the db volume: the last state the old server wrote, writes made during the
+build included), else from the archive of step 3 (the database alone). Artifacts,
 users and secrets are never rolled back: a migration does not touch them, so restoring them
 would only lose what was written meanwhile. Then ``up -d --wait --no-build`` and the health
 check again, and the command fails with one line saying what failed and that it rolled back
@@ -261,12 +261,12 @@ def start(ctx: Context, timeout: int) -> None:
 
 
 def restore_database(ctx: Context, before: Before, backup_path: Path | None) -> str:
-    """With the server stopped: put the database back if the new server migrated it (its
-    revision moved); what was done, as a phrase."""
+    """With the server stopped: put the database back if the new server began to migrate it;
+    what was done, as a phrase. A copy of the old revision made since the preflight says it
+    began (server/schema.py copies first), even if a failed migration left the revision as it
+    was; without one, a moved revision says so, and the archive's database goes back."""
     now = agent(ctx, False)
     old = before.volumes["revision"]
-    if now["revision"] == old:
-        return "database kept (not migrated)"
     copies = [
         name
         for name in now["copies"]
@@ -275,11 +275,14 @@ def restore_database(ctx: Context, before: Before, backup_path: Path | None) -> 
         and name.startswith(f"pre-upgrade-{old}-")
     ]
     if copies:
-        # Names end in their UTC time: the newest is this upgrade's migration.
-        answer = agent(ctx, False, "put-back", sorted(copies)[-1])
+        # Names end in their UTC time; a later start found the new revision and made none.
+        name = sorted(copies)[-1]
+        answer = agent(ctx, False, "put-back", name)
         if answer.get("revision") != old:
             raise BundleError(f"the database put back is at {answer.get('revision')}, not {old}")
-        return f"database put back from pre-upgrade/{sorted(copies)[-1]}"
+        return f"database put back from pre-upgrade/{name}"
+    if now["revision"] == old:
+        return "database kept (not migrated)"
     if backup_path is None:
         raise BundleError("the database was migrated and there is no copy to put back")
     ctx.load_database(ctx.args, backup_path)

@@ -281,6 +281,13 @@ def test_restore_database_migrated_newest_copy_of_this_upgrade_put_back(ctx, doc
     assert docker.events[-1] == "put-back pre-upgrade-aaa111-20261128T120500Z.db"
 
 
+def test_restore_database_migration_failed_revision_unchanged_copy_put_back(ctx, docker):
+    copy = "pre-upgrade-aaa111-20261128T120000Z.db"
+    docker.stopped_volumes = {**GOOD, "copies": [copy]}
+    note = upgrade.restore_database(ctx, before(), Path("b.tar"))
+    assert note == f"database put back from pre-upgrade/{copy}"
+
+
 def test_restore_database_put_back_wrong_revision_raises(ctx, docker):
     docker.stopped_volumes = {**GOOD, "revision": "bbb222",
                               "copies": ["pre-upgrade-aaa111-20261128T120000Z.db"]}  # fmt: skip
