@@ -112,6 +112,10 @@ def running_image(second: SecondStack, service: str) -> str:
 def test_upgrade_unchanged_tree_succeeds_data_kept(second, client, tmp_path):
     run_id = write_run(client, tmp_path)
     backups = tmp_path / "backups"
+    planned = stackctl(second.env, "upgrade", "--backup-dir", str(backups), "--dry-run")
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "(passed)" in planned.stdout and f"{second.project}-server" in planned.stdout
+    assert not backups.exists()
     result = stackctl(second.env, "upgrade", "--backup-dir", str(backups), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)

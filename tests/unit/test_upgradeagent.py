@@ -1,7 +1,8 @@
 """The in-stack sides of stackctl upgrade, on local files: upgradeagent.py (runs in the server
 image: inspect, put-back of a pre-upgrade copy) and volumeagent.py's database-only load (the
-rollback's fallback to the archive)."""
+rollback's fallback to the archive), also as upgrade's real context drives it."""
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -12,7 +13,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from mlflowstack import upgradeagent, volumeagent
+import test_backup
+from mlflowstack import upgrade, upgradeagent, volumeagent
+
+# A stack of local directories, the volume agent running on them, compose's steps recorded.
+stack = test_backup.stack
 
 # upgradeagent.py (in the server image)
 
@@ -101,3 +106,20 @@ def test_load_server_database_only_artifacts_kept(tmp_path, monkeypatch):
     assert db.read_bytes() == data
     assert (artifacts / "1" / "written-meanwhile.bin").read_bytes() == b"keep me"
     assert sorted(os.listdir(artifacts)) == ["1"]
+
+
+def test_default_context_load_database_archive_db_back_artifacts_kept(stack, tmp_path):
+    archived = Path(test_backup.backup_to(stack, tmp_path / "backups")["archive"])
+    # Then the stack moves on: the new server changes the database, a client logs an artifact.
+    db = stack["db"] / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        connection.execute("INSERT INTO runs VALUES ('by-the-new-server', 1)")
+        connection.commit()
+    test_backup.put(stack["artifacts"], "1/run9/artifacts/new.bin", b"logged meanwhile")
+    args = argparse.Namespace(project_dir=str(stack["project"]), users_dir=None, quiet=True,
+                              json=False)  # fmt: skip
+    upgrade.default_context(args).load_database(args, archived)
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        assert connection.execute("SELECT run_uuid FROM runs").fetchall() == [("run0",)]
+    assert (stack["artifacts"] / "1/run9/artifacts/new.bin").read_bytes() == b"logged meanwhile"
+    assert (stack["artifacts"] / "1/run0/artifacts/model.pkl").read_bytes() == b"model bytes"
