@@ -8,7 +8,7 @@ errors, from argparse); nothing is written when a command fails.
 import argparse
 import sys
 
-from mlflowstack import audit, backup, commands, ensure, gc, restore, serve, tlsctl
+from mlflowstack import audit, backup, commands, ensure, gc, restore, serve, tlsctl, upgrade
 from mlflowstack.files import BundleError
 from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
 
@@ -178,6 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     restoring.add_argument("--force", action="store_true", help="replace a stack that is not empty")
     _report_options(restoring)
     restoring.set_defaults(run=restore.restore)
+
+    upgrading = sub.add_parser(
+        "upgrade",
+        help="backup, build, start (the server migrates), health check; rolls back on failure",
+        description="Run after changing the checkout (a new MLflow pin, a git pull). Checks the "
+        "stack is healthy and has room, tags the running images IMAGE:pre-upgrade, takes a "
+        "backup, builds, starts and checks health. If build, start or health check fails, "
+        "it puts the previous images (and the database, if it was migrated) back and starts "
+        "them, then exits 1 saying so.",
+    )
+    where = upgrading.add_mutually_exclusive_group()
+    where.add_argument("--output", metavar="FILE", help="the backup archive's path")
+    where.add_argument(
+        "--backup-dir", metavar="DIR", help="a new pre-upgrade-TIME.tar here (default: backups/)"
+    )
+    upgrading.add_argument(
+        "--timeout", type=int, default=300, metavar="S",
+        help="seconds to wait for the stack to be healthy after a start (default 300)",
+    )  # fmt: skip
+    upgrading.add_argument("--dry-run", action="store_true", help="check, print the plan, stop")
+    _report_options(upgrading)
+    upgrading.set_defaults(run=upgrade.upgrade)
 
     collecting = sub.add_parser(
         "gc",

@@ -14,8 +14,9 @@ Modes (``MODE`` is the first argument; stdout carries the answer, stderr one lin
   snapshot's row counts and sha256, every artifact with size, mtime and sha256; null when it
   was not read, the host takes it from the previous manifest).
 - ``load-server``: stdin holds a tar stream: ``expect.json`` (``{"database": sha256,
-  "artifacts": {path: sha256}, "mtimes": {path: mtime_ns}, "force": bool}``), then the
-  members it names. Everything is
+  "artifacts": {path: sha256}, "mtimes": {path: mtime_ns}, "force": bool, "database_only":
+  bool}``), then the members it names (``database_only``: the database alone, the artifacts
+  left as they are; ``stackctl upgrade``'s rollback). Everything is
   written into staging places inside the volumes and checked against its sha256; only when all
   arrived intact does it replace the database and move the artifacts in. The server must be
   stopped (the host does that).
@@ -263,7 +264,7 @@ def load_server(stdin, stdout) -> None:
         for path, mtime_ns in expect.get("mtimes", {}).items():
             if type(mtime_ns) is int and "artifacts/" + path in expected:
                 os.utime(os.path.join(staging, path), ns=(mtime_ns, mtime_ns))
-        _swap_in(staging, db_stage, bool(expect.get("force")))
+        _swap_in(staging, db_stage, bool(expect.get("force")), bool(expect.get("database_only")))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
@@ -271,9 +272,9 @@ def load_server(stdin, stdout) -> None:
     stdout.write(json.dumps({"artifacts": len(expect["artifacts"])}).encode())
 
 
-def _swap_in(staging: str, db_stage: str, force: bool) -> None:
+def _swap_in(staging: str, db_stage: str, force: bool, database_only: bool = False) -> None:
     """Everything arrived intact: replace the database, then move the artifacts in."""
-    existing = [name for name in os.listdir(ARTIFACTS) if not name.startswith(OURS)]
+    existing = [n for n in os.listdir(ARTIFACTS) if not n.startswith(OURS) and not database_only]
     if existing and not force:
         raise AgentError("the artifact store is not empty (restore --force replaces it)")
     for name in existing:
