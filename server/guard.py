@@ -5,7 +5,9 @@ Contract (an ASGI middleware around MLflow's FastAPI app; gunicorn serves ``guar
 - Every request except ``GET``/``HEAD /health`` (the container's own healthcheck) must carry the
   per-installation proxy secret that only nginx knows (``X-Stack-Proxy-Secret``; generated at
   first start into the secrets volume, see ``stackctl bootstrap``). Without it: 403, one log
-  line. So a process on the Docker host that reaches the server's bridge address gets nothing.
+  line. So a process that reaches the server's address past nginx gets nothing: another
+  container on the backend network (a served model is code; the Docker host has no address
+  there, compose.yaml).
   The job runner inside this container (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``) presents the
   same secret as a bearer token, since nginx removes every client's ``Authorization``.
 - A request from nginx must also name the user the gate verified (``X-Stack-User``, the

@@ -45,9 +45,10 @@ def post_worker_init(worker):
     registry.install()
     # Uploads into a full artifact volume: 507 and why, not a 500 clients retry (storefull.py).
     storefull.install()
-    # No "Server: uvicorn" banner (nginx never passes it on, but the server's bridge address
-    # answers too). uvicorn builds its default headers from this when the worker starts serving,
-    # after this hook; gunicorn's own Server header is only sent by its sync workers.
+    # No "Server: uvicorn" banner (nginx never passes it on, but the server's own address
+    # answers the backend network's other containers too). uvicorn builds its default headers
+    # from this when the worker starts serving, after this hook; gunicorn's own Server header
+    # is only sent by its sync workers.
     config = getattr(worker, "config", None)
     if config is not None:
         config.server_header = False

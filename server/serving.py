@@ -29,8 +29,9 @@ Contract (the ``serving`` service of the ``serve`` compose profile runs ``servin
   retries with backoff, so a model registered after the start is served once it exists, and
   a scoring process that dies is replaced.
 - A scoring process answers only requests that carry the serving secret (nginx sends it after
-  the login; ``stackctl bootstrap`` makes it), so a process on the Docker host that reaches
-  this container's address predicts nothing; its health probe (GET /ping) needs none.
+  the login; ``stackctl bootstrap`` makes it), so another container on the backend network
+  that reaches this container's address predicts nothing (the Docker host has no address
+  there); its health probe (GET /ping) needs none.
 - ``serving.py status`` and ``rollout`` reach the supervisor over a unix socket that only
   this container's user can open. Model names are checked before they are used in a path, a
   log line or an answer.

@@ -17,8 +17,8 @@ Contract of the nginx -> gate boundary (the other end: nginx/njs/verdicts.js and
   never grant anything.
 - ``X-Client-Address`` is nginx's ``$remote_addr``.
 - ``X-Stack-Proxy-Secret`` is the per-installation secret (mlflowstack/stacksecrets.py) that
-  only nginx, the gate and the server know: whoever reaches the gate's port without it (a
-  process on the Docker host) is refused like any other malformed request.
+  only nginx, the gate and the server know: whoever reaches the gate's port without it
+  (another container on the backend network) is refused like any other malformed request.
 
 Whatever does not fit this exactly was not written by our nginx (or nginx let a client past
 its normalization), so it is refused as malformed: :func:`parse` returns None and the gate

@@ -10,9 +10,10 @@ Contract: ``keep_serving_token(store, directory, wanted)``:
   all of that already holds (every ``up`` runs init).
 - ``wanted`` also leaves ``directory/serving-secret`` (64 hex characters, 0600, never replaced
   once made): nginx sends it with every prediction and the scoring processes refuse requests
-  without it, so a process on the Docker host that reaches the serving container's bridge
-  address predicts nothing without a login. It is not the stack's proxy secret, which would let
-  a model (code) speak to the server as anyone: this one opens only the scoring processes.
+  without it, so another container on the backend network that reaches the serving
+  container's address predicts nothing without a login. It is not the stack's proxy secret,
+  which would let a model (code) speak to the server as anyone: this one opens only the
+  scoring processes.
 - not ``wanted``: the token and both files are removed, so no credential lies around unused.
 - Returns one line saying what changed, or "" when nothing did. A user already named
   ``serving`` is not touched: BundleError says so (the serving container then cannot fetch).

@@ -7,8 +7,9 @@ the server read it at start, so a new value would need all three restarted.
 ``ensure_kek_passphrase(directory)`` does the same for ``directory/mlflow-kek-passphrase``.
 
 Why: nginx sends the proxy secret on every request to the gate and the server, which refuse
-requests without it (server/guard.py, mlflowstack/forwarded.py). A process on the Docker host
-that reaches their bridge addresses can therefore not skip the authentication in nginx.
+requests without it (server/guard.py, mlflowstack/forwarded.py). Another container on the
+backend network that reaches their addresses (the Docker host has none there) can therefore not
+skip the authentication in nginx.
 
 MLflow's AI gateway encrypts the secrets it stores (provider API keys) in the database with a
 key derived from ``MLFLOW_CRYPTO_KEK_PASSPHRASE``, whose default is a value built into MLflow:

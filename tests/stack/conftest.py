@@ -3,11 +3,16 @@
 Runs under its own compose project name (STACK_TEST_PROJECT, default ``mlflowstack-test``; its
 images are named after it too), publishes on 127.0.0.1 only (STACK_TEST_PORT, default a free
 port), and ends with ``down -v``. Everything a test needs from inside the stack goes through
-``docker compose``. The stack runs compose.yaml's defaults: the repository's ``.env`` (a
-developer's own settings) is not read, except for the build's CA bundle (see docker_setup).
+``docker compose``, or through a throwaway container on its backend network, which this host
+cannot reach (Stack.backend_request). The stack runs compose.yaml's defaults: the repository's
+``.env`` (a developer's own settings) is not read, except for the build's CA bundle (see
+docker_setup).
 """
 
+import base64
+import dataclasses
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -81,6 +86,32 @@ def docker_cleanup():
     return ["--profile serve down -v"]
 
 
+# Stack.backend_request's client, run by python in a container on the backend network.
+_BACKEND_REQUEST = """
+import base64, http.client, json, sys
+host, port, method, path, headers, body = json.loads(sys.argv[1])
+connection = http.client.HTTPConnection(host, port, timeout=10)
+body = None if body is None else base64.b64decode(body)
+connection.request(method, path, body=body, headers=headers)
+answer = connection.getresponse()
+content = base64.b64encode(answer.read()).decode()
+print(json.dumps({"status": answer.status, "headers": answer.getheaders(), "body": content}))
+"""
+
+
+@dataclasses.dataclass
+class BackendAnswer:
+    """An answer to Stack.backend_request (headers: the last value of each name)."""
+
+    status_code: int
+    headers: requests.structures.CaseInsensitiveDict
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
 class Stack:
     """The running test stack, seen from outside."""
 
@@ -132,16 +163,54 @@ class Stack:
         parts = status_line.split()
         return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
-    def container_ip(self, service: str) -> str:
-        """The service's address on one of the stack's networks (each is reachable from this
-        host; nginx has two)."""
+    def _address_on(self, service: str, network: str) -> str:
         container = self.compose("ps", "-q", service).split()[0]
-        template = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+        template = f'{{{{(index .NetworkSettings.Networks "{PROJECT}_{network}").IPAddress}}}}'
         result = subprocess.run(
             ["docker", "inspect", "-f", template, container],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        return result.stdout.split()[0]
+        return result.stdout.strip()
+
+    def container_ip(self, service: str) -> str:
+        """The service's address on the edge network, the one this host reaches (only nginx
+        is on it: the host has no address on the backend network, see compose.yaml)."""
+        return self._address_on(service, "edge")
+
+    def backend_ip(self, service: str) -> str:
+        """The service's address on the backend network (see backend_request)."""
+        return self._address_on(service, "backend")
+
+    def backend_request(
+        self,
+        service: str,
+        port: int,
+        path: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> BackendAnswer:
+        """One HTTP request straight to a service's backend address, from where a process
+        other than nginx can reach it: a throwaway container on the backend network (the
+        stack's auth image, hardened like the services), not this host, which reaches nothing
+        there. The Host header is the address, as for any client that dialled it."""
+        request = [self.backend_ip(service), port, method, path, headers or {}]
+        request.append(None if body is None else base64.b64encode(body).decode())
+        command = [
+            "docker", "run", "--rm", "--network", f"{PROJECT}_backend",
+            "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true",
+            "--user", "10001:10001", "--entrypoint", "python", self.image("auth"),
+            "-c", _BACKEND_REQUEST, json.dumps(request),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if result.returncode:
+            raise AssertionError(f"request from the backend network failed:\n{result.stderr}")
+        answer = json.loads(result.stdout)
+        return BackendAnswer(
+            answer["status"],
+            requests.structures.CaseInsensitiveDict(answer["headers"]),
+            base64.b64decode(answer["body"]),
+        )
 
     def logs(self, service: str, since: str | None = None) -> str:
         return self.compose("logs", "--no-color", *(["--since", since] if since else []), service)

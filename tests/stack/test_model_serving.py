@@ -271,17 +271,14 @@ def test_rollout_moves_to_new_alias_target_without_a_failed_request(stack, edito
 
 
 def test_scoring_process_reached_directly_predicts_nothing(stack, served):
-    """A process on the Docker host reaches the serving container's bridge address, but not
-    the login: the scoring process wants nginx's serving secret."""
-    address = stack.container_ip("serving")
-    direct = f"http://{address}:5100"
-    answer = requests.post(direct + "/invocations", json=dataframe_split(FIVE_ROWS), timeout=5)
+    """Another container on the backend network reaches the serving container's address (the
+    Docker host has none there), but not the login: the scoring process wants nginx's serving
+    secret."""
+    body = json.dumps(dataframe_split(FIVE_ROWS)).encode()
+    json_type = {"Content-Type": "application/json"}
+    answer = stack.backend_request("serving", 5100, "/invocations", "POST", json_type, body)
     assert answer.status_code == 403 and "predictions" not in answer.text
-    forged = requests.post(
-        direct + "/invocations",
-        json=dataframe_split(FIVE_ROWS),
-        headers={"X-Serving-Secret": "0" * 64},
-        timeout=5,
-    )
+    forged = {**json_type, "X-Serving-Secret": "0" * 64}
+    forged = stack.backend_request("serving", 5100, "/invocations", "POST", forged, body)
     assert forged.status_code == 403
-    assert requests.get(direct + "/ping", timeout=5).status_code == 200
+    assert stack.backend_request("serving", 5100, "/ping").status_code == 200

@@ -124,10 +124,10 @@ def test_mlflow_api_404_body_passes_unchanged(stack, admin):
     secret = stack.compose(
         "exec", "-T", "nginx", "cat", "/var/lib/mlflow-stack/secrets/proxy-secret"
     ).strip()
-    direct = requests.get(
-        f"http://{stack.container_ip('server')}:5000{MISSING_EXPERIMENT}",
+    direct = stack.backend_request(
+        "server", 5000, MISSING_EXPERIMENT,
         headers={"X-Stack-Proxy-Secret": secret, "X-Stack-User": "admin", "Host": "localhost"},
-    )
+    )  # fmt: skip
     through = requests.get(stack.url + MISSING_EXPERIMENT, auth=admin)
     assert direct.status_code == through.status_code == 404
     assert through.content == direct.content
@@ -136,15 +136,16 @@ def test_mlflow_api_404_body_passes_unchanged(stack, admin):
 
 
 def test_server_direct_answer_has_no_server_banner(stack):
-    answer = requests.get(f"http://{stack.container_ip('server')}:5000/health")
+    answer = stack.backend_request("server", 5000, "/health")
     assert answer.status_code == 200
     assert "server" not in {name.lower() for name in answer.headers}
 
 
 def test_gate_direct_answer_server_header_names_no_version(stack):
     """The gate's answers only ever reach nginx (auth_request), whose clients never see its
-    headers; its bridge address answers with gunicorn's bare name (no version setting)."""
-    answer = requests.get(f"http://{stack.container_ip('auth')}:8000/health")
+    headers; its own address (from the backend network) answers with gunicorn's bare name
+    (no version setting)."""
+    answer = stack.backend_request("auth", 8000, "/health")
     assert not re.search(r"[0-9/]", answer.headers.get("Server", ""))
 
 
