@@ -15,6 +15,10 @@ head of the pinned MLflow's migrations and returns what it did:
   ``SchemaError``: the pinned MLflow would misread a newer schema, so the server must not
   start. The message names both revisions and the way back.
 
+``require_current(uri)`` is the server's check of any other database (PostgreSQL): the migrate
+service (migrate.py) settles those before the server starts, so anything but ``"current"``
+raises ``SchemaError`` here instead of letting the server's workers create or migrate tables.
+
 Why: MLflow's server refuses an older schema ("Detected out-of-date database schema") and
 leaves the upgrade to a manual ``mlflow db upgrade``, so changing the pinned MLflow stopped
 the stack on its own data; and migrations are not guaranteed to be transactional, so a copy
@@ -118,3 +122,24 @@ def settle(uri: str, copies_dir: Path, log=print) -> str:
         return "upgraded"
     finally:
         engine.dispose()
+
+
+def require_current(uri: str) -> None:
+    """See the module's contract: SchemaError unless the database is at this MLflow's head."""
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        revision = database_revision(engine)
+    finally:
+        engine.dispose()
+    state = classify(revision)
+    if state == "fresh":
+        raise SchemaError(
+            "the database has no MLflow tables: the migrate service creates them before the "
+            "server starts (docker compose logs migrate)"
+        )
+    if state == "older":
+        raise SchemaError(
+            f"the database's schema (revision {revision}) is older than this server's MLflow "
+            f"{MLFLOW_VERSION}: the migrate service upgrades it before the server starts "
+            "(docker compose logs migrate)"
+        )

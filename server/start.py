@@ -20,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import backendstore  # beside this file: which database, and its password
 import guard  # beside this file: the one reader of the proxy secret
+from backendstore import SettingError
 
 # Internal variables that `mlflow server` hands to its workers (mlflow/server/constants.py).
 _BACKEND_STORE = "_MLFLOW_SERVER_FILE_STORE"
@@ -30,10 +32,6 @@ _ARTIFACTS_DESTINATION = "_MLFLOW_SERVER_ARTIFACT_DESTINATION"
 _SERVE_ARTIFACTS = "_MLFLOW_SERVER_SERVE_ARTIFACTS"
 
 _HOST_ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?$")
-
-
-class SettingError(ValueError):
-    """A setting from the environment cannot be used."""
 
 
 def parse_public_hostnames(value: str) -> list[tuple[str, str | None]]:
@@ -177,15 +175,19 @@ def prepare_backend_store(env: dict[str, str]) -> None:
 
     Workers racing to create tables on a fresh SQLite file fail at random, so this runs first.
     WAL lets readers proceed while one writer commits (MLflow already sets busy_timeout).
+    Any other database (PostgreSQL) was settled by the migrate service: it is only checked.
     """
     os.environ.update(env)
     import schema  # beside this file; it imports MLflow, which only this step needs
     from mlflow.server.handlers import initialize_backend_stores
 
     uri = env[_BACKEND_STORE]
-    # An older schema (a new pin, a restored backup) is copied, then migrated; a newer one
-    # stops the start (schema.py).
-    schema.settle(uri, Path(env.get("SCHEMA_COPIES_DIR", "/var/lib/mlflow/db/pre-upgrade")))
+    if backendstore.is_sqlite(uri):
+        # An older schema (a new pin, a restored backup) is copied, then migrated; a newer one
+        # stops the start (schema.py).
+        schema.settle(uri, Path(env.get("SCHEMA_COPIES_DIR", "/var/lib/mlflow/db/pre-upgrade")))
+    else:
+        schema.require_current(uri)
     initialize_backend_stores(uri, env[_REGISTRY_STORE], env[_ARTIFACT_ROOT])
     if uri.startswith("sqlite:"):
         import sqlalchemy
@@ -228,7 +230,13 @@ def run_with_job_runner(env: dict[str, str]) -> int:
 
 def main() -> int:
     try:
-        env = {**server_environment(dict(os.environ)), **kek_environment(dict(os.environ))}
+        # The database's URI with its password: in this process's environment (and gunicorn's)
+        # only, never in the container's settings (backendstore.py).
+        settings = {
+            **os.environ,
+            "MLFLOW_BACKEND_STORE_URI": backendstore.backend_store_uri(os.environ),
+        }
+        env = {**server_environment(settings), **kek_environment(settings)}
         with_jobs = job_execution_enabled(env)
     except (SettingError, KeyError) as error:
         print(f"start: {error}", file=sys.stderr)

@@ -18,9 +18,15 @@ passphrase to MLflow. Replacing it would make every stored secret undecryptable,
 never replaced here; changing it means MLflow's own ``mlflow crypto rotate-kek`` with the
 server stopped, which the stack does not automate.
 
+``ensure_postgres_password(directory)`` does the same for ``directory/password``: the password of
+the bundled PostgreSQL's role (the postgres profile, README "PostgreSQL"). It lives in a volume
+of its own (``POSTGRES_SECRET_DIR``), because the postgres container reads it and must not see
+the proxy secret or the passphrase. PostgreSQL stores it at its first start (postgres/
+entrypoint.sh), so a replaced file would no longer match: it is never replaced either.
+
 Run as ``python -m mlflowstack.stacksecrets`` (the init service, before ``stackctl
-bootstrap``): creates whichever of these files is missing in ``SECRETS_DIR``, and says so
-without printing any value.
+bootstrap``): creates whichever of these files is missing in ``SECRETS_DIR`` (and in
+``POSTGRES_SECRET_DIR`` when set), and says so without printing any value.
 """
 
 import os
@@ -32,6 +38,7 @@ from mlflowstack.files import SECRET_MODE, BundleError, create_file
 
 PROXY_SECRET_FILE = "proxy-secret"
 KEK_PASSPHRASE_FILE = "mlflow-kek-passphrase"
+POSTGRES_PASSWORD_FILE = "password"
 
 
 def ensure_proxy_secret(directory: Path) -> bool:
@@ -55,6 +62,15 @@ def ensure_kek_passphrase(directory: Path) -> bool:
     )
 
 
+def ensure_postgres_password(directory: Path) -> bool:
+    """Create the bundled PostgreSQL's password if it is missing (256 random bits as 64 hex
+    characters: nothing in a URI or in initdb's password file needs quoting); True when this
+    call created it. An existing file is never touched, whatever it holds."""
+    return create_file(
+        directory / POSTGRES_PASSWORD_FILE, (secrets.token_hex(32) + "\n").encode(), SECRET_MODE
+    )
+
+
 def ensure_secrets(directory: Path) -> list[str]:
     """Create every missing secret of the volume; the names of those this call created."""
     made = []
@@ -70,13 +86,16 @@ def main(environ=os.environ) -> int:
     if not directory:
         print("stacksecrets: SECRETS_DIR is not set", file=sys.stderr)
         return 2
+    postgres_dir = environ.get("POSTGRES_SECRET_DIR")
     try:
-        made = ensure_secrets(Path(directory))
+        made = [(name, directory) for name in ensure_secrets(Path(directory))]
+        if postgres_dir and ensure_postgres_password(Path(postgres_dir)):
+            made.append((POSTGRES_PASSWORD_FILE, postgres_dir))
     except BundleError as error:
         print(f"stacksecrets: {error}", file=sys.stderr)
         return 1
-    for name in made:
-        print(f"stacksecrets: created {name} in {directory}", file=sys.stderr)
+    for name, where in made:
+        print(f"stacksecrets: created {name} in {where}", file=sys.stderr)
     return 0
 
 
