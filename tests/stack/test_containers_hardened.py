@@ -12,9 +12,10 @@ import pytest
 import requests
 from conftest import PROJECT
 
-# Every service compose.yaml starts; init has run and exited, and serving is the opt-in profile.
+# Every service compose.yaml starts; init and migrate have run and exited, and serving is the
+# opt-in profile (postgres, the other one, is checked in test_postgres.py).
 RUNNING = ("auth", "server", "nginx", "serving")
-SERVICES = ("init", *RUNNING)
+SERVICES = ("init", "migrate", *RUNNING)
 IMAGES = (f"{PROJECT}-auth", f"{PROJECT}-server", f"{PROJECT}-nginx")
 STACK_UID = "10001"
 # The files whose values are secret, read in containers that mount them (read-only there).
