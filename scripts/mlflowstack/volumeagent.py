@@ -382,11 +382,25 @@ MODES = {
 }
 
 
+def sqlite_store_only(environ=os.environ) -> None:
+    """Refuse the server's modes when its backend store is not the SQLite file: compose hands
+    the server's container the postgres profile and DATABASE_URI (README, "PostgreSQL"), and a
+    backup of the (empty or stale) file would hold none of that database's runs."""
+    profiles = {name.strip() for name in environ.get("COMPOSE_PROFILES", "").split(",")}
+    if environ.get("DATABASE_URI", "").strip() or "postgres" in profiles:
+        raise AgentError(
+            "the backend store is PostgreSQL: backup, restore and upgrade cover the SQLite "
+            "file only; back the database up with pg_dump (README, 'PostgreSQL')"
+        )
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in MODES:
         print(f"volumeagent: usage: MODE ({'|'.join(MODES)})", file=sys.stderr)
         return 2
     try:
+        if argv[0].endswith("-server"):
+            sqlite_store_only()
         MODES[argv[0]](sys.stdin.buffer, sys.stdout.buffer)
     except Exception as error:  # one line for the host, whatever failed
         message = " ".join(str(error).split())[:300] or type(error).__name__

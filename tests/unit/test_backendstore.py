@@ -11,7 +11,7 @@ import pytest
 import schema
 import sqlalchemy
 import start
-from mlflowstack import stacksecrets
+from mlflowstack import stacksecrets, volumeagent
 
 SQLITE_DEFAULT = "sqlite:////var/lib/mlflow/db/mlflow.db"
 
@@ -208,3 +208,23 @@ def test_start_main_postgres_profile_password_only_in_process_environment(tmp_pa
     assert (
         seen["_MLFLOW_SERVER_FILE_STORE"] == f"postgresql://mlflow:{'b' * 64}@postgres:5432/mlflow"
     )
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"COMPOSE_PROFILES": "serve,postgres"}, {"DATABASE_URI": "postgresql://ml@db/mlflow"}],
+)
+def test_sqlite_store_only_postgres_store_refuses_backup(environ):
+    with pytest.raises(volumeagent.AgentError, match="pg_dump"):
+        volumeagent.sqlite_store_only(environ)
+
+
+def test_sqlite_store_only_sqlite_store_passes():
+    volumeagent.sqlite_store_only({"COMPOSE_PROFILES": "serve", "DATABASE_URI": ""})
+
+
+def test_volumeagent_main_server_mode_with_postgres_exits_1(monkeypatch, capsys):
+    monkeypatch.setenv("COMPOSE_PROFILES", "postgres")
+    monkeypatch.setitem(volumeagent.MODES, "dump-server", lambda *_: pytest.fail("dumped"))
+    assert volumeagent.main(["dump-server"]) == 1
+    assert "PostgreSQL" in capsys.readouterr().err
