@@ -5,7 +5,8 @@ The real MLflow client writes an experiment, a run with params and metrics, a re
 and an alias; they survive a restart of the server and are rows in PostgreSQL (psql in the
 container). The migrate service ran once and exited 0; the database's password is in no
 container's settings; the external-database path (DATABASE_URI and a password file on the host)
-works against the same PostgreSQL; and the server does not start when migrate fails. The tests
+works against the same PostgreSQL; stackctl backup refuses (it archives the SQLite file only);
+and the server does not start when migrate fails. The tests
 run in this order on one stack (module scope: one PostgreSQL start for all).
 """
 
@@ -17,7 +18,7 @@ import time
 import mlflow
 import pytest
 import requests
-from conftest import SecondStack
+from conftest import ROOT, SecondStack
 from mlflow import MlflowClient
 
 PASSWORD_FILE = "/var/lib/mlflow-stack/postgres/password"
@@ -170,6 +171,18 @@ def test_external_database_by_uri_and_password_file(pg, client, tmp_path):
         pg.env.clear()
         pg.env.update(saved)
     pg.compose("up", "-d", "--wait", "--no-build")
+
+
+def test_stackctl_backup_refuses_postgres_store_writes_nothing(pg, tmp_path):
+    """stackctl backup archives the SQLite file: with PostgreSQL it must refuse, not succeed
+    with an archive that holds none of the runs."""
+    result = subprocess.run(
+        ["python3", str(ROOT / "scripts" / "stackctl"), "backup", "--output", str(tmp_path)],
+        capture_output=True, text=True, env=pg.env, check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "the backend store is PostgreSQL" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_server_does_not_start_when_migrate_fails(pg):
