@@ -69,15 +69,18 @@ def ensure_kek_passphrase(directory: Path) -> bool:
 
 def move_kek_passphrase(shared: Path, server: Path) -> str | None:
     """Move ``shared/mlflow-kek-passphrase`` (where stacks before the split kept it) into
-    ``server``; what happened: None (nothing in ``shared``), ``"moved"``, or ``"removed"`` (the
-    server's copy was there already with the same bytes: a move cut short, finished now).
+    ``server``; what happened: None (nothing in ``shared``, or ``shared`` is ``server``),
+    ``"moved"``, or ``"removed"`` (the server's copy was there already with the same bytes: a
+    move cut short, finished now).
 
     The server's copy is written (0600, fsync) and read back before the shared one is removed,
     so a move killed at any point leaves at least one whole copy and the next run finishes it.
     Two different passphrases are a BundleError and neither file is touched: data may be
     encrypted under either, and only the operator can tell which (README, "Security")."""
     old = shared / KEK_PASSPHRASE_FILE
-    if not old.is_file():
+    # One directory under two names (both settings pointed at one volume): the file is already
+    # where it belongs, and "removing the shared copy" would remove the only one.
+    if not old.is_file() or (server.is_dir() and shared.samefile(server)):
         return None
     data = old.read_bytes()
     target = server / KEK_PASSPHRASE_FILE

@@ -123,6 +123,18 @@ def test_move_kek_passphrase_two_different_raises_and_touches_neither(volumes):
     assert "b" * 32 not in str(caught.value) and PASSPHRASE not in str(caught.value)
 
 
+def test_move_kek_passphrase_same_directory_twice_keeps_the_file(tmp_path):
+    """Both settings naming one directory (through a link here): nothing moves or goes."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "secrets")
+    (tmp_path / "secrets" / KEK_PASSPHRASE_FILE).write_text(PASSPHRASE + "\n")
+    assert move_kek_passphrase(tmp_path / "secrets", tmp_path / "alias") is None
+    assert ensure_secrets(tmp_path / "secrets", tmp_path / "alias") == [
+        stacksecrets.PROXY_SECRET_FILE
+    ]
+    assert (tmp_path / "secrets" / KEK_PASSPHRASE_FILE).read_text() == PASSPHRASE + "\n"
+
+
 def test_move_kek_passphrase_server_volume_missing_raises_keeps_shared(tmp_path):
     """No server volume (an override that drops the mount): an error, never a new passphrase
     nor a lost one."""
