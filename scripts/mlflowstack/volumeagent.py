@@ -53,6 +53,9 @@ ARTIFACTS = os.environ.get("MLFLOW_ARTIFACTS_DESTINATION", "/var/lib/mlflow/arti
 USERS = os.environ.get("USERS_DIR", "/var/lib/mlflow-stack/users")
 SECRETS = os.environ.get("SECRETS_DIR", "/var/lib/mlflow-stack/secrets")
 SERVER_SECRETS = os.environ.get("SERVER_SECRETS_DIR", "/var/lib/mlflow-stack/server-secrets")
+# mlflowstack.stacksecrets.SERVER_ONLY, written out: this script comes from the host's bundle
+# and may run in an auth image built before that name existed.
+SERVER_ONLY = frozenset({"mlflow-kek-passphrase"})
 # Our own temporary names in the volumes: skipped by dumps, cleaned by loads.
 OURS = ".stackctl-"
 CHUNK = 1 << 20
@@ -363,7 +366,6 @@ def load_files(stdin, stdout) -> None:
     from pathlib import Path
 
     from mlflowstack.files import SECRET_MODE, exclusive_lock, write_atomic
-    from mlflowstack.stacksecrets import SERVER_ONLY
 
     places = _file_places()
     wanted_in: dict[str, dict[str, bytes]] = {prefix: {} for prefix in places}

@@ -578,6 +578,12 @@ def test_load_files_archive_before_split_kek_goes_to_server_secrets(agent_places
     assert written.read_bytes() == kek and stat.S_IMODE(written.stat().st_mode) == 0o600
 
 
+def test_server_only_secrets_agent_copy_same_as_stacksecrets():
+    from mlflowstack import stacksecrets
+
+    assert volumeagent.SERVER_ONLY == stacksecrets.SERVER_ONLY
+
+
 def test_load_files_kek_under_both_prefixes_refused_nothing_written(agent_places, tmp_path):
     members = ["secrets/mlflow-kek-passphrase", "server-secrets/mlflow-kek-passphrase"]
     expect = {"files": dict.fromkeys(members, SHA_A)}
