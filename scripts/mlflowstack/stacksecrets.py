@@ -11,7 +11,9 @@ the server read it at start, so a new value would need all three restarted.
 ``move_kek_passphrase(shared, server)`` moves a passphrase that a stack before the split kept
 in the shared volume into the server's, once, and never loses or replaces one (see there).
 ``ensure_secrets(shared, server)`` moves first, then creates what is missing: a stack upgraded
-from the old layout keeps its passphrase and never gets a new one.
+from the old layout keeps its passphrase and never gets a new one. The old place then holds an
+empty directory of that name (``mark_kek_moved``), so that older code on these volumes can
+neither make a passphrase there nor use one.
 
 Why: nginx sends the proxy secret on every request to the gate and the server, which refuse
 requests without it (server/guard.py, mlflowstack/forwarded.py). Another container on the
@@ -97,15 +99,35 @@ def move_kek_passphrase(shared: Path, server: Path) -> str | None:
     return outcome
 
 
+def mark_kek_moved(shared: Path, server: Path) -> bool:
+    """Leave an empty directory (mode 0700, no secret in it) where the shared volume held the
+    passphrase before the split, unless something is there or ``shared`` is ``server``; True
+    when this call made it.
+
+    Why: code from before the split, run on these volumes (``stackctl upgrade``'s rollback
+    brings back the old images; a checkout of an older bundle brings back the old compose.yaml
+    too), would otherwise make a new passphrase there (its init creates a missing one) and an
+    old server would encrypt with it. With the directory, its init makes none, and its server
+    either reads the server-secrets file that compose.yaml names (KEK_PASSPHRASE_FILE) or
+    stops, saying it cannot read the passphrase: never a second key in silence."""
+    marker = shared / KEK_PASSPHRASE_FILE
+    if marker.exists() or marker.is_symlink() or (server.is_dir() and shared.samefile(server)):
+        return False
+    marker.mkdir(mode=0o700)
+    return True
+
+
 def ensure_secrets(shared: Path, server: Path) -> list[str]:
-    """Move the passphrase of a stack before the split (move_kek_passphrase), then create
-    every missing secret; the names of those this call created."""
+    """Move the passphrase of a stack before the split (move_kek_passphrase), create every
+    missing secret, then mark the old place (mark_kek_moved); the names of the secrets this
+    call created."""
     move_kek_passphrase(shared, server)
     made = []
     if ensure_proxy_secret(shared):
         made.append(PROXY_SECRET_FILE)
     if ensure_kek_passphrase(server):
         made.append(KEK_PASSPHRASE_FILE)
+    mark_kek_moved(shared, server)
     return made
 
 

@@ -139,9 +139,12 @@ def test_upgrade_from_shared_volume_keeps_the_same_kek_in_server_only(old_layout
     assert second.compose("exec", "-T", "server", "cat", KEK_IN_SERVER) == before
     mode = second.compose("exec", "-T", "server", "stat", "-c", "%a %u", KEK_IN_SERVER).split()
     assert mode == ["600", "10001"]
+    # The old place: the proxy secret, and an empty directory in the passphrase's stead, so
+    # that images from before the split make no new one there (stacksecrets.mark_kek_moved).
+    listing = "cd /var/lib/mlflow-stack/secrets && find . -mindepth 1 -printf '%y %p\\n'"
     for service in ("server", "auth", "nginx"):
-        shared = second.compose("exec", "-T", service, "ls", "-A", "/var/lib/mlflow-stack/secrets")
-        assert shared.split() == ["proxy-secret"], (service, shared)
+        shared = second.compose("exec", "-T", service, "sh", "-c", listing).splitlines()
+        assert sorted(shared) == ["d ./mlflow-kek-passphrase", "f ./proxy-secret"], service
     # MLflow runs with the moved passphrase (the server's process environment, read by the
     # server's own user), not a new one.
     script = "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep ^MLFLOW_CRYPTO_KEK_"

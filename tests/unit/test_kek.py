@@ -59,19 +59,26 @@ def test_ensure_kek_passphrase_differs_from_proxy_secret(volumes):
     assert kek != (shared / stacksecrets.PROXY_SECRET_FILE).read_bytes()
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
 def test_ensure_secrets_fresh_volumes_kek_in_server_volume_only(volumes):
     shared, server = volumes
     assert ensure_secrets(shared, server) == [stacksecrets.PROXY_SECRET_FILE, KEK_PASSPHRASE_FILE]
-    assert sorted(p.name for p in shared.iterdir()) == [stacksecrets.PROXY_SECRET_FILE]
+    assert sorted(_files(shared)) == [stacksecrets.PROXY_SECRET_FILE]
     assert sorted(p.name for p in server.iterdir()) == [KEK_PASSPHRASE_FILE]
+    marker = shared / KEK_PASSPHRASE_FILE
+    assert marker.is_dir() and list(marker.iterdir()) == []
+    assert stat.S_IMODE(marker.stat().st_mode) == 0o700
 
 
 def test_ensure_secrets_second_run_creates_nothing(volumes):
     shared, server = volumes
     ensure_secrets(shared, server)
-    before = {p: p.read_bytes() for d in volumes for p in d.iterdir()}
+    before = [_files(directory) for directory in volumes]
     assert ensure_secrets(shared, server) == []
-    assert {p: p.read_bytes() for d in volumes for p in d.iterdir()} == before
+    assert [_files(directory) for directory in volumes] == before
 
 
 def test_ensure_secrets_old_layout_keeps_kek_and_creates_none(volumes):
@@ -81,8 +88,25 @@ def test_ensure_secrets_old_layout_keeps_kek_and_creates_none(volumes):
     (shared / KEK_PASSPHRASE_FILE).write_text(PASSPHRASE + "\n")
     assert ensure_secrets(shared, server) == []
     assert (server / KEK_PASSPHRASE_FILE).read_text() == PASSPHRASE + "\n"
-    assert not (shared / KEK_PASSPHRASE_FILE).exists()
-    assert (shared / stacksecrets.PROXY_SECRET_FILE).read_text() == "p" * 64 + "\n"
+    assert _files(shared) == {stacksecrets.PROXY_SECRET_FILE: b"p" * 64 + b"\n"}
+
+
+def test_mark_kek_moved_older_code_on_the_volumes_makes_and_uses_no_passphrase(volumes):
+    """What a rollback to images before the split runs: their init (ensure_kek_passphrase on
+    the shared volume) makes nothing, their server (start.py's old default path) stops."""
+    shared, server = volumes
+    ensure_secrets(shared, server)
+    assert ensure_kek_passphrase(shared) is False
+    assert sorted(_files(shared)) == [stacksecrets.PROXY_SECRET_FILE]
+    with pytest.raises(start.SettingError, match="cannot read"):
+        start.kek_environment({"KEK_PASSPHRASE_FILE": str(shared / KEK_PASSPHRASE_FILE)})
+
+
+def test_mark_kek_moved_file_there_left_alone(volumes):
+    shared, server = volumes
+    (shared / KEK_PASSPHRASE_FILE).write_text(PASSPHRASE + "\n")
+    assert stacksecrets.mark_kek_moved(shared, server) is False
+    assert (shared / KEK_PASSPHRASE_FILE).read_text() == PASSPHRASE + "\n"
 
 
 def test_move_kek_passphrase_nothing_shared_returns_none(volumes):
