@@ -138,6 +138,7 @@ def main(environ=os.environ) -> int:
         print("stacksecrets: SECRETS_DIR and SERVER_SECRETS_DIR must be set", file=sys.stderr)
         return 2
     try:
+        # On its own first, to say what it did; ensure_secrets' own move then finds nothing.
         moved = move_kek_passphrase(Path(shared), Path(server))
         made = ensure_secrets(Path(shared), Path(server))
     except (BundleError, OSError) as error:
