@@ -129,16 +129,17 @@ def telemetry_environment(value: str) -> dict[str, str]:
 
 # MLflow's AI gateway encrypts the secrets it stores with a key derived from this passphrase
 # (mlflow/utils/crypto.py); unset, MLflow uses a value built into every copy of it. The init
-# service generates one per installation into the secrets volume (mlflowstack/stacksecrets.py).
+# service generates one per installation into the server-secrets volume, which only the server
+# mounts of the running services (mlflowstack/stacksecrets.py, compose.yaml).
 KEK_PASSPHRASE_VARIABLE = "MLFLOW_CRYPTO_KEK_PASSPHRASE"
-DEFAULT_KEK_PASSPHRASE_FILE = "/var/lib/mlflow-stack/secrets/mlflow-kek-passphrase"
+DEFAULT_KEK_PASSPHRASE_FILE = "/var/lib/mlflow-stack/server-secrets/mlflow-kek-passphrase"
 # MLflow asks for 32 characters or more; the init service writes 64 hex characters.
 _KEK_MIN_LENGTH = 32
 
 
 def kek_environment(env: dict[str, str]) -> dict[str, str]:
     """MLflow's key-encryption passphrase, read from its file (``KEK_PASSPHRASE_FILE``, else
-    the secrets volume's): only the server's own process environment gets it, never the
+    the server-secrets volume's): only the server's own process environment gets it, never the
     container's settings, so ``docker inspect`` does not show it.
 
     Raises SettingError when the file is missing, unreadable or too short: starting with
@@ -152,7 +153,7 @@ def kek_environment(env: dict[str, str]) -> dict[str, str]:
         reason = getattr(error, "strerror", None) or "not ASCII"
         raise SettingError(
             f"{path}: cannot read MLflow's key-encryption passphrase ({reason}); the init "
-            "service creates it in the secrets volume"
+            "service creates it in the server-secrets volume"
         ) from None
     if len(passphrase) < _KEK_MIN_LENGTH or any(c.isspace() for c in passphrase):
         raise SettingError(

@@ -17,7 +17,7 @@
 //   text is echoed, and whatever is shown is escaped for its format anyway.
 // - Status codes and headers are kept: 401 keeps the gate's Basic challenge (browsers then
 //   ask for a password), 429 keeps Retry-After and its slow trickle, 421 stays 421, and 413
-//   names the limit (REQUEST_BODY_LIMIT).
+//   names the limit (REQUEST_BODY_LIMIT). No gate to ask is a 503 with Retry-After.
 
 const API_PATH = /^\/(api\/|ajax-api\/|graphql(\/|$)|v1\/|serving\/|invocations$)/;
 // Predictions (the serving locations of the site template), which have a limit of their own.
@@ -85,6 +85,12 @@ function refused(r) {
     if (v.gate_reason === "busy") {
         return body(r, "RESOURCE_EXHAUSTED",
             "Too many login attempts from this address are in progress; retry in 1 second.");
+    }
+    if (v.gate_reason === "unavailable") {
+        return body(r, "TEMPORARILY_UNAVAILABLE",
+            "The login service of this MLflow is not answering, so nothing is let through; " +
+            "retry in a few seconds. The operator sees why in 'docker compose ps auth' and " +
+            "'docker compose logs auth'.");
     }
     return body(r, "PERMISSION_DENIED",
         permissionMessage(v.gate_user, v.gate_kind, v.gate_role, v.gate_needs));

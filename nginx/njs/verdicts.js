@@ -28,7 +28,8 @@
 // The access log's "verdict" (nginx.conf): the answer of /_auth carries X-Gate-Verdict, set
 // here and never copied from the gate: "cached" (a remembered yes), "checked" (the gate said
 // yes), "refused" (the gate said no: 401, or 403 for the role), "throttled" (the gate's 403
-// "busy", which the site answers with 429), "error" (no usable answer, e.g. a missing nonce).
+// "busy", which the site answers with 429), "error" (no usable answer: a missing nonce, or no
+// gate to ask, which the site answers with 503).
 
 const hashes = require("crypto");
 
@@ -97,8 +98,16 @@ async function authorize(r) {
     // /_gate location copies them into the gate's X-Gate-Nonce and X-Original-Path headers.
     const reply = await r.subrequest("/_gate", { args: `nonce=${nonce}&path=${path}` });
     if (reply.headersOut["X-Gate-Nonce"] !== nonce) {
-        r.error(`gate answered ${reply.status} without this request's nonce; refused`);
         r.headersOut["X-Gate-Verdict"] = "error";
+        if (reply.status === 502 || reply.status === 504) {
+            // nginx could not reach the gate (stopped, restarting): refused like any "no",
+            // marked so that the site answers 503 and Retry-After, which clients retry,
+            // instead of the 500 that auth_request makes of anything but 2xx, 401 and 403.
+            r.headersOut["X-Gate-Reason"] = "unavailable";
+            r.return(403);
+            return;
+        }
+        r.error(`gate answered ${reply.status} without this request's nonce; refused`);
         r.return(502);
         return;
     }

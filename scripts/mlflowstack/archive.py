@@ -6,6 +6,9 @@ minutes of CPU on a 2-core box) whose last member is ``manifest.json``::
     db/mlflow.db                  the SQLite snapshot
     artifacts/PATH                only the artifacts this archive holds (new or changed)
     users/NAME, secrets/NAME      the users and secrets volumes' files
+    server-secrets/NAME           the server-secrets volume's (MLflow's key-encryption
+                                  passphrase; archives before that volume hold it as
+                                  secrets/mlflow-kek-passphrase, and restore moves it)
     env/.env                      the bundle's .env, when there is one
     manifest.json                 format, ids, versions, row counts, sha256 of everything
 
@@ -47,7 +50,9 @@ ARTIFACTS = "artifacts/"
 ENV_MEMBER = "env/.env"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[0-9a-f]{32}")
-FILE_MEMBER = re.compile(r"(users|secrets)/[A-Za-z0-9_][A-Za-z0-9._-]{0,200}|env/\.env")
+FILE_MEMBER = re.compile(
+    r"(users|secrets|server-secrets)/[A-Za-z0-9_][A-Za-z0-9._-]{0,200}|env/\.env"
+)
 _ARCHIVE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}")
 _MANIFEST_LIMIT = 256 << 20
 CHUNK = 1 << 20

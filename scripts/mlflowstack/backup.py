@@ -129,7 +129,8 @@ def backup(args) -> int:
 
 
 def _copy_files(args, out: tarfile.TarFile) -> list[dict]:
-    """The users and secrets volumes' files (auth image), then the bundle's .env."""
+    """The users, secrets and server-secrets volumes' files (auth image), then the bundle's
+    .env."""
     files = []
     with stackio.agent(args, "files", "dump-files") as agent:
         agent.stdin.close()

@@ -94,6 +94,13 @@ def open_atomic(path: Path, mode: int, *, force: bool = False):
     _fsync_directory(directory)
 
 
+def remove_file(path: Path) -> None:
+    """Remove ``path`` and make the removal durable (fsync of its directory), so that after a
+    crash the file is not back while what replaced it elsewhere is."""
+    path.unlink()
+    _fsync_directory(path.parent)
+
+
 def copy_atomic(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` atomically, keeping the source's mode (for backups)."""
     mode = source.stat().st_mode & 0o777

@@ -1,9 +1,9 @@
 """The side of ``stackctl backup`` and ``restore`` that runs inside the stack's containers, next
 to the volumes. The host sends this file's text as ``python -c SOURCE MODE`` to the server image
 (database, artifacts), which has none of our code, so those modes use the standard library
-only, or to the auth image (users, secrets). Nothing is written to a container's root file
-system (the services may run read-only): data crosses as a tar stream on stdin or stdout, and
-temporary files live in the volumes themselves.
+only, or to the auth image (users, secrets, server-secrets). Nothing is written to a
+container's root file system (the services may run read-only): data crosses as a tar stream on
+stdin or stdout, and temporary files live in the volumes themselves.
 
 Modes (``MODE`` is the first argument; stdout carries the answer, stderr one line on failure):
 
@@ -22,10 +22,13 @@ Modes (``MODE`` is the first argument; stdout carries the answer, stderr one lin
   stopped (the host does that).
 - ``inspect-server``: JSON of what the target holds (experiments besides Default, runs,
   registered models, artifact files), for restore's "is it empty" check.
-- ``dump-files`` / ``load-files`` / ``inspect-files``: the same for the users and secrets
-  directories, in the auth image, whose ``mlflowstack`` these modes use: the users store reads
-  the users (the one owner of that format), and load writes each archived file byte for byte
-  with ``files.write_atomic`` (mode 0600) under the store's lock.
+- ``dump-files`` / ``load-files`` / ``inspect-files``: the same for the users, secrets and
+  server-secrets directories (members ``users/NAME``, ``secrets/NAME``, ``server-secrets/NAME``),
+  in the auth image, whose ``mlflowstack`` these modes use: the users store reads the users
+  (the one owner of that format), and load writes each archived file byte for byte with
+  ``files.write_atomic`` (mode 0600) under the store's lock. An archive made before the
+  server's secrets had a volume of their own holds ``secrets/mlflow-kek-passphrase``: load
+  puts it into server-secrets, where the server reads it and no other running service can.
 
 Every path taken from a stream is checked by :func:`safe_relative` before it is joined to a
 directory, and only regular files are accepted, so a hostile stream cannot write outside.
@@ -49,6 +52,10 @@ DB_PATH = DB_PATH.removeprefix("sqlite:///")
 ARTIFACTS = os.environ.get("MLFLOW_ARTIFACTS_DESTINATION", "/var/lib/mlflow/artifacts")
 USERS = os.environ.get("USERS_DIR", "/var/lib/mlflow-stack/users")
 SECRETS = os.environ.get("SECRETS_DIR", "/var/lib/mlflow-stack/secrets")
+SERVER_SECRETS = os.environ.get("SERVER_SECRETS_DIR", "/var/lib/mlflow-stack/server-secrets")
+# mlflowstack.stacksecrets.SERVER_ONLY, written out: this script comes from the host's bundle
+# and may run in an auth image built before that name existed.
+SERVER_ONLY = frozenset({"mlflow-kek-passphrase"})
 # Our own temporary names in the volumes: skipped by dumps, cleaned by loads.
 OURS = ".stackctl-"
 CHUNK = 1 << 20
@@ -312,11 +319,27 @@ def _small_files(directory: str):
             yield name, path
 
 
+def _file_places() -> dict[str, str]:
+    """Member prefix -> directory (read at call time: the tests point them elsewhere)."""
+    return {"users": USERS, "secrets": SECRETS, "server-secrets": SERVER_SECRETS}
+
+
 def dump_files(stdin, stdout) -> None:
     with tarfile.open(fileobj=stdout, mode="w|", format=tarfile.PAX_FORMAT) as out:
-        for prefix, directory in (("users", USERS), ("secrets", SECRETS)):
+        for prefix, directory in _file_places().items():
             for name, path in _small_files(directory):
                 _add(out, f"{prefix}/{name}", path)
+
+
+def _destination(name: str, server_only: frozenset[str]) -> tuple[str, str]:
+    """(prefix of the volume, file name) that member ``name`` is written to: its own, but a
+    server-only secret archived under ``secrets/`` (before the split) goes to server-secrets."""
+    prefix, _, rest = name.partition("/")
+    if prefix not in _file_places() or "/" in rest:
+        raise AgentError(f"unexpected member in the stream: {name[:200]!r}")
+    if prefix == "secrets" and rest in server_only:
+        prefix = "server-secrets"
+    return prefix, rest
 
 
 def load_files(stdin, stdout) -> None:
@@ -338,20 +361,22 @@ def load_files(stdin, stdout) -> None:
             received[name] = data
     if set(received) != set(expected):
         raise AgentError("the stream ended early")
-    places = {"users": USERS, "secrets": SECRETS}
-    for name in received:
-        prefix, _, rest = name.partition("/")
-        if prefix not in places or "/" in rest:
-            raise AgentError(f"unexpected member in the stream: {name[:200]!r}")
     # The project's own writer and the users store's lock (the auth image has mlflowstack):
     # no stackctl writer interleaves, each file is whole or absent, mode 0600 from its start.
     from pathlib import Path
 
     from mlflowstack.files import SECRET_MODE, exclusive_lock, write_atomic
 
+    places = _file_places()
+    wanted_in: dict[str, dict[str, bytes]] = {prefix: {} for prefix in places}
+    for name, data in received.items():
+        prefix, rest = _destination(name, SERVER_ONLY)
+        if rest in wanted_in[prefix]:
+            raise AgentError(f"two members of the stream for {prefix}/{rest}")
+        wanted_in[prefix][rest] = data
     with exclusive_lock(Path(USERS)):
         for prefix, directory in places.items():
-            wanted = {n.partition("/")[2]: d for n, d in received.items() if n.startswith(prefix)}
+            wanted = wanted_in[prefix]
             # What the target's own first start made (its admin password file, its tokens)
             # describes users that no longer exist once the archive's users are in.
             for name, path in _small_files(directory):

@@ -177,7 +177,10 @@ def test_backup_archive_private_and_complete(backup_made_while_writing):
     )
     assert manifest["mlflow_version"] == mlflow.__version__
     members = {f["member"] for f in manifest["files"]}
-    assert {"users/htpasswd", "secrets/proxy-secret", "secrets/mlflow-kek-passphrase"} <= members
+    assert {"users/htpasswd", "secrets/proxy-secret", "server-secrets/mlflow-kek-passphrase"} <= (
+        members
+    )
+    assert "secrets/mlflow-kek-passphrase" not in members
     assert any(a["path"].endswith("model/weights.bin") for a in manifest["artifacts"])
 
 
@@ -238,6 +241,15 @@ def test_restore_onto_empty_stack_same_data_same_logins(
     if second_stack["admin"] != admin[1]:
         answer = requests.get(url, auth=("admin", second_stack["admin"]))
         assert answer.status_code == 401
+
+    # MLflow's key-encryption passphrase came along, into the server's own volume: the AI
+    # gateway's stored secrets in the restored database can be decrypted there.
+    kek = "/var/lib/mlflow-stack/server-secrets/mlflow-kek-passphrase"
+    restored_kek = subprocess.run(
+        [*second_stack["cmd"], "exec", "-T", "server", "cat", kek],
+        env=second_stack["env"], capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert restored_kek == stack.compose("exec", "-T", "server", "cat", kek)
 
 
 def test_gc_on_restored_stack_dry_run_then_delete(second_stack, admin, tmp_path):

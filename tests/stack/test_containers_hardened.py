@@ -22,6 +22,7 @@ STACK_UID = "10001"
 SECRET_FILES = {
     "auth": "/var/lib/mlflow-stack/users",
     "nginx": "/var/lib/mlflow-stack/secrets /var/lib/mlflow-serving",
+    "server": "/var/lib/mlflow-stack/server-secrets",
 }
 # Long enough to be no accident in a log (the shortest secret, the first admin's password: 24).
 MIN_SECRET = 16

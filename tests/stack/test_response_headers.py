@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
 MISSING_EXPERIMENT = "/api/2.0/mlflow/experiments/get?experiment_id=987654321"
-KEK_FILE = "/var/lib/mlflow-stack/secrets/mlflow-kek-passphrase"
+KEK_FILE = "/var/lib/mlflow-stack/server-secrets/mlflow-kek-passphrase"
 
 
 @pytest.fixture(scope="module")

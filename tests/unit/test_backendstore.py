@@ -101,17 +101,19 @@ def test_ensure_postgres_password_second_run_keeps_the_file(tmp_path):
 
 
 def test_stacksecrets_main_with_postgres_dir_creates_password_there(tmp_path, capsys):
-    (tmp_path / "secrets").mkdir()
-    (tmp_path / "postgres").mkdir()
+    for name in ("secrets", "server-secrets", "postgres"):
+        (tmp_path / name).mkdir()
     environ = {
         "SECRETS_DIR": str(tmp_path / "secrets"),
+        "SERVER_SECRETS_DIR": str(tmp_path / "server-secrets"),
         "POSTGRES_SECRET_DIR": str(tmp_path / "postgres"),
     }
     assert stacksecrets.main(environ) == 0
     password = (tmp_path / "postgres" / stacksecrets.POSTGRES_PASSWORD_FILE).read_text().strip()
     err = capsys.readouterr().err
     assert "password" in err and password not in err
-    assert not (tmp_path / "secrets" / stacksecrets.POSTGRES_PASSWORD_FILE).exists()
+    for other in ("secrets", "server-secrets"):
+        assert not (tmp_path / other / stacksecrets.POSTGRES_PASSWORD_FILE).exists()
 
 
 def test_migrate_main_sqlite_touches_nothing(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """stackctl backup, restore (scripts/mlflowstack/backup.py, restore.py, archive.py) and their
 agent (volumeagent.py), without Docker: the agent runs as a local subprocess on directories of
-a temporary "stack" (a SQLite database, artifacts, users, secrets), exactly the code that
-``docker compose exec``/``run`` would run, and compose's own steps are recorded instead."""
+a temporary "stack" (a SQLite database, artifacts, users, secrets, server-secrets), exactly the
+code that ``docker compose exec``/``run`` would run, and compose's own steps are recorded
+instead."""
 
 import contextlib
 import hashlib
@@ -26,7 +27,8 @@ SHA_A = hashlib.sha256(b"a").hexdigest()
 
 def make_stack(root: Path, runs: int = 1) -> dict[str, Path]:
     """A stack's volumes as directories: a database with MLflow's three counted tables."""
-    places = {name: root / name for name in ("db", "artifacts", "users", "secrets")}
+    names = ("db", "artifacts", "users", "secrets", "server-secrets")
+    places = {name: root / name for name in names}
     for place in places.values():
         place.mkdir(parents=True)
     with contextlib.closing(sqlite3.connect(places["db"] / "mlflow.db")) as db:
@@ -44,6 +46,7 @@ def make_stack(root: Path, runs: int = 1) -> dict[str, Path]:
     )
     (places["users"] / ".lock").write_text("")
     (places["secrets"] / "proxy-secret").write_text("s" * 64 + "\n")
+    (places["server-secrets"] / "mlflow-kek-passphrase").write_text(f"k{root.name}" * 16 + "\n")
     return places
 
 
@@ -53,6 +56,7 @@ def use_stack(monkeypatch, places: dict[str, Path]) -> None:
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(places["artifacts"]))
     monkeypatch.setenv("USERS_DIR", str(places["users"]))
     monkeypatch.setenv("SECRETS_DIR", str(places["secrets"]))
+    monkeypatch.setenv("SERVER_SECRETS_DIR", str(places["server-secrets"]))
     # As in the auth image: the agent's users and secrets modes use mlflowstack.
     monkeypatch.setenv("PYTHONPATH", str(Path(stackio.__file__).parents[1]))
 
@@ -255,7 +259,8 @@ def test_backup_writes_mode_0600_archive_with_checked_manifest(stack, tmp_path):
     assert model["sha256"] == hashlib.sha256(b"model bytes").hexdigest()
     # The users store's lock is not data; the files are.
     assert [f["member"] for f in manifest["files"]] == [
-        "users/htpasswd", "users/tokens", "secrets/proxy-secret"]  # fmt: skip
+        "users/htpasswd", "users/tokens", "secrets/proxy-secret",
+        "server-secrets/mlflow-kek-passphrase"]  # fmt: skip
     with tarfile.open(path) as tar:
         assert tar.getnames()[-1] == archive.MANIFEST
     assert archive.verify_backup(path).artifacts.keys() == {
@@ -499,6 +504,7 @@ def agent_places(tmp_path, monkeypatch):
     monkeypatch.setattr(volumeagent, "ARTIFACTS", str(places["artifacts"]))
     monkeypatch.setattr(volumeagent, "USERS", str(places["users"]))
     monkeypatch.setattr(volumeagent, "SECRETS", str(places["secrets"]))
+    monkeypatch.setattr(volumeagent, "SERVER_SECRETS", str(places["server-secrets"]))
     return places
 
 
@@ -558,6 +564,37 @@ def test_load_files_writes_0600_and_drops_files_of_the_old_users(agent_places):
     assert written.read_bytes() == b"a" and stat.S_IMODE(written.stat().st_mode) == 0o600
 
 
+def test_load_files_archive_before_split_kek_goes_to_server_secrets(agent_places):
+    """An archive of a stack that kept the passphrase in the shared volume."""
+    kek = b"k" * 64 + b"\n"
+    digest = hashlib.sha256(kek).hexdigest()
+    expect = {"files": {"secrets/proxy-secret": SHA_A, "secrets/mlflow-kek-passphrase": digest}}
+    stream = agent_stream(
+        expect, [("secrets/proxy-secret", b"a"), ("secrets/mlflow-kek-passphrase", kek)]
+    )
+    volumeagent.load_files(io.BytesIO(stream), io.BytesIO())
+    assert snapshot(agent_places["secrets"]) == {"proxy-secret": b"a"}
+    written = agent_places["server-secrets"] / "mlflow-kek-passphrase"
+    assert written.read_bytes() == kek and stat.S_IMODE(written.stat().st_mode) == 0o600
+
+
+def test_server_only_secrets_agent_copy_same_as_stacksecrets():
+    from mlflowstack import stacksecrets
+
+    assert volumeagent.SERVER_ONLY == stacksecrets.SERVER_ONLY
+
+
+def test_load_files_kek_under_both_prefixes_refused_nothing_written(agent_places, tmp_path):
+    members = ["secrets/mlflow-kek-passphrase", "server-secrets/mlflow-kek-passphrase"]
+    expect = {"files": dict.fromkeys(members, SHA_A)}
+    before = snapshot(tmp_path)
+    with pytest.raises(AgentError, match="two members"):
+        volumeagent.load_files(
+            io.BytesIO(agent_stream(expect, [(m, b"a") for m in members])), io.BytesIO()
+        )
+    assert snapshot(tmp_path) == before
+
+
 def test_load_files_member_outside_users_and_secrets_refused(agent_places):
     expect = {"files": {"db/htpasswd": SHA_A}}
     before = snapshot(agent_places["users"])
@@ -594,6 +631,7 @@ def test_restore_roundtrip_same_bytes_services_restarted(stack, tmp_path, monkey
     assert snapshot(fresh["artifacts"]) == snapshot(stack["artifacts"])
     assert snapshot(fresh["users"]) == {**snapshot(stack["users"]), ".lock": b""}
     assert snapshot(fresh["secrets"]) == snapshot(stack["secrets"])
+    assert snapshot(fresh["server-secrets"]) == snapshot(stack["server-secrets"])
     for path in ("1/run0/artifacts/model.pkl", "1/run1/artifacts/late.txt"):
         assert (fresh["artifacts"] / path).stat().st_mtime_ns == (
             stack["artifacts"] / path).stat().st_mtime_ns  # fmt: skip
