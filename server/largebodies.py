@@ -21,7 +21,13 @@ Contract (an ASGI middleware between the guard and MLflow's app):
   MLflow parses some string fields as JSON again (dataset records, model JSON, tags, a
   double-encoded body), and counting bytes cannot be fooled by an encoding or an escape. The
   largest legitimate call, ``log-batch`` at MLflow's own limits, has a few thousand.
-- An artifact ``PUT`` (streamed to the volume, never parsed) is not held here.
+- A compressed body (``Content-Encoding`` other than ``identity``) is refused with 415:
+  MLflow's trace intake (``/v1/traces``) inflates gzip and deflate whole, unbounded, so a
+  1.5 MB body became 1.5 GB and the kernel killed the worker (an attacker review found it),
+  and no count of the compressed bytes says what they inflate to. OpenTelemetry exporters
+  send uncompressed bodies unless told otherwise (``OTEL_EXPORTER_OTLP_COMPRESSION``).
+- An artifact ``PUT`` (streamed to the volume as it comes, never parsed or inflated) is not
+  held or refused here.
 """
 
 import asyncio
@@ -68,7 +74,15 @@ class LargeBodies:
         self._slot = None  # made in the worker's event loop, on first use
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self._passes(scope):
+        if scope["type"] != "http" or _artifact_put(scope):
+            return await self.app(scope, receive, send)
+        if _compressed(scope["headers"]):
+            message = (
+                "Compressed request bodies are not accepted here (Content-Encoding); "
+                "send the body uncompressed"
+            )
+            return await _error(send, 415, "INVALID_PARAMETER_VALUE", message)
+        if self._passes(scope):
             return await self.app(scope, receive, send)
         if self._slot is None:
             self._slot = asyncio.Lock()
@@ -101,10 +115,19 @@ class LargeBodies:
 
     @staticmethod
     def _passes(scope) -> bool:
-        if scope["method"] == "PUT" and ARTIFACT_PUT.fullmatch(scope["path"]):
-            return True
         has_body, length = declared_body(scope["headers"])
         return not has_body or (length is not None and length <= SMALL_BODY)
+
+
+def _artifact_put(scope) -> bool:
+    return scope["method"] == "PUT" and ARTIFACT_PUT.fullmatch(scope["path"]) is not None
+
+
+def _compressed(headers) -> bool:
+    return any(
+        name == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
+        for name, value in headers
+    )
 
 
 async def _read_whole(receive):

@@ -6,6 +6,7 @@ limit, and other users' calls keep being answered. Before server/largebodies.py 
 of tiny values made MLflow take the container past 2 GB, and the kernel killed the worker.
 """
 
+import gzip
 import json
 import subprocess
 import threading
@@ -95,3 +96,23 @@ def test_hostile_bodies_from_a_viewer_never_kill_a_worker(stack, admin):
         ).stdout
     ) // (1 << 20)
     assert peak[0] < 0.8 * limit_mb, (peak[0], limit_mb)
+
+
+def test_compressed_trace_body_refused_before_mlflow_inflates_it(stack, admin):
+    """MLflow's trace intake inflated gzip whole: 1.5 MB on the wire took a worker past 2 GB.
+    A compressed body is refused (415), whatever it would inflate to."""
+    since = stack.now()
+    bomb = gzip.compress(b"\0" * (16 << 20), compresslevel=9)  # 16 KB on the wire
+    headers = {
+        "Content-Type": "application/x-protobuf",
+        "Content-Encoding": "gzip",
+        "X-Mlflow-Experiment-Id": "0",
+    }
+    answer = requests.post(stack.url + "/v1/traces", data=bomb, auth=admin, headers=headers)
+    assert answer.status_code == 415, answer.text[:200]
+    assert "uncompressed" in answer.json()["message"]
+    # The same body uncompressed reaches MLflow, which judges it (not our refusal).
+    del headers["Content-Encoding"]
+    plain = requests.post(stack.url + "/v1/traces", data=b"\0" * 64, auth=admin, headers=headers)
+    assert plain.status_code != 415, plain.text[:200]
+    assert "SIGKILL" not in stack.logs("server", since)

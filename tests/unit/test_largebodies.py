@@ -201,3 +201,24 @@ def test_large_bodies_slot_freed_when_mlflow_raises():
 )
 def test_declared_body_cases(headers, expected):
     assert largebodies.declared_body(headers) == expected
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate", b"GZIP", b"br", b"identity, gzip"])
+def test_large_bodies_compressed_body_415_never_reaches_mlflow(encoding):
+    """A 1.5 MB gzip body inflated to 1.5 GB in MLflow's trace intake; small ones too."""
+    app = Recorder()
+    body = b"\x1f\x8b" + b"\0" * 100
+    headers = [*_length(body), (b"content-encoding", encoding)]
+    scope = _scope(path="/v1/traces", headers=headers)
+    status, _, answer = asyncio.run(_call(largebodies.LargeBodies(app), scope, [body]))
+    assert status == 415 and app.bodies == []
+    assert "uncompressed" in json.loads(answer)["message"]
+
+
+def test_large_bodies_identity_encoding_passes():
+    app = Recorder()
+    headers = [*_length(b"{}"), (b"content-encoding", b"identity")]
+    status, _, _ = asyncio.run(
+        _call(largebodies.LargeBodies(app), _scope(headers=headers), [b"{}"])
+    )
+    assert status == 200 and app.bodies == [b"{}"]
