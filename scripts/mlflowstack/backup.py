@@ -178,7 +178,7 @@ def _backup_line(report: dict) -> str:
         f"{counts.get('registered_models', 0)} registered models, {report['artifacts']} "
         f"artifacts ({report['artifacts_copied']} copied"
         + (f"; the rest are in earlier backups, from {after}" if after else "")
-        + f"), {len(report['files'])} users, secrets and .env files"
+        + f"), {len(report['files'])} files of users, secrets and .env"
     )
     if report["skipped"]:
         line += f"; skipped {len(report['skipped'])} links or special files"

@@ -139,7 +139,7 @@ def restore(args) -> int:
         f"restore: restored backup of {manifest['created']} from {path.name}: "
         f"{counts.get('experiments', 0)} experiments, {counts.get('runs', 0)} runs, "
         f"{counts.get('registered_models', 0)} registered models, {len(plan.artifacts)} "
-        f"artifacts, {len(volume_files)} users and secrets files; nginx, auth and server "
+        f"artifacts, {len(volume_files)} files of users and secrets; nginx, auth and server "
         f"restarted{'; ' + env_note if env_note else ''}"
     )
     stackio.print_report(args, report, line)
