@@ -140,6 +140,14 @@ class Stack:
         path = "/var/lib/mlflow-stack/users/initial-admin-password"
         return self.compose("exec", "-T", "auth", "cat", path).strip()
 
+    def memory_kib(self, service: str) -> int:
+        """KiB a service's processes use: the sum of their proportional set sizes (shared pages
+        split between the processes sharing them, so forked workers are not counted twice).
+        Read from the processes: Docker's own accounting needs a cgroup memory controller,
+        which not every host has (this one reports 0 B)."""
+        script = "cat /proc/[0-9]*/smaps_rollup 2>/dev/null | awk '/^Pss:/ {s += $2} END {print s}'"
+        return int(self.compose("exec", "-T", service, "sh", "-c", script).strip() or 0)
+
     def add_user(self, name: str, password: str, role: str = "editor") -> None:
         self.stackctl(
             "user", "add", name, "--role", role, "--password-stdin", input=password + "\n"

@@ -23,11 +23,6 @@ ALLOWED_VALUES = 490_000
 AT_ONCE = 12
 
 
-def _server_pss_mb(stack) -> int:
-    script = "cat /proc/[0-9]*/smaps_rollup 2>/dev/null | awk '/^Pss:/ {s += $2} END {print s}'"
-    return int(stack.compose("exec", "-T", "server", "sh", "-c", script).strip() or 0) // 1024
-
-
 def _post(stack, auth, body: bytes) -> tuple[int, str]:
     headers = {"Content-Type": "application/json"}
     answer = requests.post(stack.url + SEARCH, data=body, auth=auth, headers=headers, timeout=300)
@@ -48,7 +43,7 @@ def test_hostile_bodies_from_a_viewer_never_kill_a_worker(stack, admin):
 
     def watch():
         while not done.is_set():
-            peak[0] = max(peak[0], _server_pss_mb(stack))
+            peak[0] = max(peak[0], stack.memory_kib("server") // 1024)
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -25,15 +25,11 @@ SERVICES = ("nginx", "auth", "server")
 
 
 def _memory(stack) -> dict[str, int]:
-    """Bytes in use per service: the sum of its processes' proportional set sizes (shared
-    pages split between the processes sharing them, so forked workers are not counted twice).
-    Read from the processes: Docker's own accounting needs a cgroup memory controller, which
-    not every host has (this one reports 0 B)."""
-    script = "cat /proc/[0-9]*/smaps_rollup 2>/dev/null | awk '/^Pss:/ {s += $2} END {print s}'"
+    """Bytes in use per service (conftest's Stack.memory_kib says how it is measured)."""
     used = {}
     for service in SERVICES:
-        kilobytes = stack.compose("exec", "-T", service, "sh", "-c", script).strip()
-        used[service] = int(kilobytes) * 1024
+        kilobytes = stack.memory_kib(service)
+        used[service] = kilobytes * 1024
         assert used[service] > 1024 * 1024, (service, kilobytes)
     return used
 
