@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import requests
 from mlflowstack.cabundle import compose_build_ca_bundle
@@ -264,6 +265,15 @@ def stack(docker_services):
 @pytest.fixture(scope="session")
 def admin(stack):
     return ("admin", stack.admin_password())
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_reset():
+    """A test that sets MLflow's process-wide tracking URI must not point the next one's
+    clients at its stack: a URI set by mlflow.set_tracking_uri outranks MLFLOW_TRACKING_URI
+    (one left set sent a second stack's credentials to the session's stack)."""
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-import mlflow
 import pytest
 import requests
 from mlflow import MlflowClient
@@ -24,7 +23,6 @@ NGINX_ETAG = re.compile(r'^"[0-9a-f]+-[0-9a-f]+"$')
 @pytest.fixture(scope="module")
 def logged(stack, admin, tmp_path_factory):
     folder = tmp_path_factory.mktemp("downloads")
-    mlflow.set_tracking_uri(stack.url)
     client = MlflowClient(stack.url)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
