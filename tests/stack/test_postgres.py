@@ -170,9 +170,11 @@ def test_external_database_by_uri_and_password_file(pg, client, tmp_path):
         assert f"mlflow:***@{address['IPAddress']}:5432" in logs
         assert client.get_experiment_by_name(EXPERIMENT) is not None
     finally:
+        # Back on the bundled database even when an assertion failed, or the next tests would
+        # run against this test's settings.
         pg.env.clear()
         pg.env.update(saved)
-    pg.compose("up", "-d", "--wait", "--no-build")
+        pg.compose("up", "-d", "--wait", "--no-build")
 
 
 def test_stackctl_backup_refuses_postgres_store_writes_nothing(pg, tmp_path):
