@@ -36,6 +36,7 @@ def post_worker_init(worker):
     # (gunicorn's pythonpath has done this already; kept for hooks run on their own.)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import accel
+    import artifactstore
     import registry
     import storefull
 
@@ -45,6 +46,8 @@ def post_worker_init(worker):
     registry.install()
     # Uploads into a full artifact volume: 507 and why, not a 500 clients retry (storefull.py).
     storefull.install()
+    # An object store's bytes go through the proxy, not presigned URLs (artifactstore.py).
+    artifactstore.install()
     # No "Server: uvicorn" banner (nginx never passes it on, but the server's own address
     # answers the backend network's other containers too). uvicorn builds its default headers
     # from this when the worker starts serving, after this hook; gunicorn's own Server header

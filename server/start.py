@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import artifactstore  # beside this file: where artifacts go, and the store's credentials
 import backendstore  # beside this file: which database, and its password
 import guard  # beside this file: the one reader of the proxy secret
 from backendstore import SettingError
@@ -94,12 +95,15 @@ def security_environment(public_hostname: str, serving: bool = False) -> dict[st
 def server_environment(env: dict[str, str]) -> dict[str, str]:
     """The environment gunicorn's workers need, computed from the user-facing settings."""
     backend_uri = env["MLFLOW_BACKEND_STORE_URI"]
+    # The volume's directory, or an object store with its credentials' variables.
+    artifact_store = artifactstore.artifact_store_environment(env)
     derived = {
+        **artifact_store,
         _BACKEND_STORE: backend_uri,
         _REGISTRY_STORE: env.get("MLFLOW_REGISTRY_STORE_URI") or backend_uri,
         # Clients get proxied "mlflow-artifacts:" URIs and stream through the server.
         _ARTIFACT_ROOT: "mlflow-artifacts:/",
-        _ARTIFACTS_DESTINATION: env["MLFLOW_ARTIFACTS_DESTINATION"],
+        _ARTIFACTS_DESTINATION: artifact_store["MLFLOW_ARTIFACTS_DESTINATION"],
         _SERVE_ARTIFACTS: "true",
         # Some of MLflow's routes (the assistant's, through the gateway's store) open the
         # default tracking URI, not the server's store: in a fresh worker that is
