@@ -2,11 +2,11 @@
 
 Contract: runs MLflow's ``mlflow gc`` (mlflowstack/gcagent.py) in the running server container
 against the backend store: runs, experiments (with all their runs) and logged models deleted
-(MLflow's ``deleted`` lifecycle stage) more than DAYS days ago, and their artifacts in the
-artifacts volume, go for good. ``--dry-run`` makes the same selection with the same code and
-deletes nothing. Prints a line per object on stdout and a summary on stderr (``--json``: one
-JSON object). MLflow's refusal is one line, exit 1. The server keeps running (SQLite
-serialises the writes).
+(MLflow's ``deleted`` lifecycle stage) more than DAYS days ago, and their artifacts (in the
+artifacts volume, or the object store of ARTIFACTS_DESTINATION), go for good. ``--dry-run``
+makes the same selection with the same code and deletes nothing. Prints a line per object on
+stdout and a summary on stderr (``--json``: one JSON object). MLflow's refusal is one line, exit
+1. The server keeps running (SQLite serialises the writes).
 """
 
 import json
@@ -40,10 +40,14 @@ def gc(args) -> int:
         print(f"logged model {model['model_id']}")
     for uri in report["unresolved"]:
         print(f"gc: warning: {uri!r} is not in the artifacts volume; left alone", file=sys.stderr)
-    size = stackio.human(report["artifact_bytes"])
+    store = report.get("artifact_store", "volume")
+    if store == "volume":
+        artifacts = f"{stackio.human(report['artifact_bytes'])} of artifacts"
+    else:
+        artifacts = f"{len(report['artifact_dirs'])} artifact folders in {store}"
     print(
         f"gc: {verb} {len(report['experiments'])} experiments, {len(report['runs'])} runs, "
-        f"{len(report['logged_models'])} logged models and {size} of artifacts deleted more "
+        f"{len(report['logged_models'])} logged models and {artifacts} deleted more "
         f"than {args.older_than} days ago",
         file=sys.stderr,
     )

@@ -10,17 +10,26 @@ code, and nothing is deleted. Exit 1 with one line on stderr when MLflow refuses
 Why patched: behind this stack's server, runs' artifact URIs are ``mlflow-artifacts:/PATH``,
 which ``mlflow gc`` can only delete through the HTTP server (MLFLOW_TRACKING_URI), and the
 server accepts only requests from nginx with a verified user. Here such a URI names
-``MLFLOW_ARTIFACTS_DESTINATION/PATH`` directly, as the server itself resolves it; a URI that
-resolves outside that directory is reported, never deleted.
+``DESTINATION/PATH`` directly, as the server itself resolves it: a directory of the artifacts
+volume, or a prefix in the object store (ARTIFACTS_DESTINATION, deleted through MLflow's own
+artifact repository with the store's credentials). A URI that resolves outside the destination
+is reported, never deleted. The database and the destination are the ones the server's start
+computes (server/backendstore.py and artifactstore.py, beside it in the image), not the image's
+defaults: with PostgreSQL or an object store those would name an unused SQLite file and an
+empty volume.
 """
 
 import contextlib
 import io
 import json
 import os
+import posixpath
 import shutil
 import sys
 import urllib.parse
+
+# The server image's own modules (backendstore.py, artifactstore.py).
+SERVER_MODULES = "/opt/mlflow-stack"
 
 
 def local_path(uri: str, root: str) -> str | None:
@@ -37,6 +46,32 @@ def local_path(uri: str, root: str) -> str | None:
     return path if inside else None
 
 
+def remote_location(uri: str, destination: str) -> str | None:
+    """The object store URI below ``destination`` that an ``mlflow-artifacts:`` URI names, or
+    None (another scheme, or a path that climbs out of the destination)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme != "mlflow-artifacts":
+        return None
+    path = posixpath.normpath(urllib.parse.unquote(parsed.path).lstrip("/"))
+    if path in (".", "") or path == ".." or path.startswith("../"):
+        return None
+    return f"{destination.rstrip('/')}/{path}"
+
+
+def stores(environ: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The backend store's URI (password included) and the artifact store's variables, as the
+    server's start computes them from the same environment."""
+    if os.path.isdir(SERVER_MODULES) and SERVER_MODULES not in sys.path:
+        sys.path.insert(0, SERVER_MODULES)
+    import artifactstore
+    import backendstore
+
+    return (
+        backendstore.backend_store_uri(environ),
+        artifactstore.artifact_store_environment(environ),
+    )
+
+
 def _size(path: str) -> int:
     total = 0
     for directory, _, files in os.walk(path):
@@ -50,9 +85,16 @@ def run(days: int, dry_run: bool) -> dict:
     import mlflow.cli as mlflow_cli
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    root = os.path.realpath(os.environ["MLFLOW_ARTIFACTS_DESTINATION"])
-    store_uri = os.environ["MLFLOW_BACKEND_STORE_URI"]
+    store_uri, artifact_store = stores(dict(os.environ))
+    destination = artifact_store["MLFLOW_ARTIFACTS_DESTINATION"]
+    remote = "://" in destination
+    if remote:
+        # The SDK's credentials (and an Azure connection string): this process only.
+        os.environ.update(artifact_store)
+    root = destination if remote else os.path.realpath(destination)
+    mlflow_repository = mlflow_cli.get_artifact_repository
     report = {"dry_run": dry_run, "older_than_days": days, "artifact_bytes": 0}
+    report["artifact_store"] = destination if remote else "volume"
     for key in ("runs", "experiments", "logged_models", "artifact_dirs", "unresolved"):
         report[key] = []
 
@@ -63,6 +105,15 @@ def run(days: int, dry_run: bool) -> dict:
             self.uri = uri
 
         def delete_artifacts(self, artifact_path=None):
+            if remote:
+                location = remote_location(self.uri, root)
+                if location is None:
+                    report["unresolved"].append(self.uri)
+                    return
+                report["artifact_dirs"].append(location)
+                if not dry_run:
+                    mlflow_repository(location).delete_artifacts()
+                return
             path = local_path(self.uri, root)
             if path is None:
                 report["unresolved"].append(self.uri)

@@ -95,3 +95,52 @@ def test_gc_command_negative_days_refused_before_docker(monkeypatch, capsys):
     monkeypatch.setattr(stackio, "require_running", lambda args: pytest.fail("docker asked"))
     assert cli.main(["gc", "--older-than", "-1"]) == 1
     assert capsys.readouterr().err == "stackctl: --older-than: DAYS must be 0 or more\n"
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("mlflow-artifacts:/1/abc/artifacts", "s3://bucket/mlflow/1/abc/artifacts"),
+        ("mlflow-artifacts:/1/a%20b/artifacts", "s3://bucket/mlflow/1/a b/artifacts"),
+        ("mlflow-artifacts:/../../etc", None),
+        ("mlflow-artifacts:/1/%2e%2e/%2e%2e/x", None),
+        ("mlflow-artifacts:/", None),
+        ("s3://bucket/mlflow/1", None),
+    ],
+)
+def test_remote_location_mlflow_artifacts_uri_below_destination_only(uri, expected):
+    assert gcagent.remote_location(uri, "s3://bucket/mlflow/") == expected
+
+
+def test_run_object_store_deletes_through_mlflows_repository(store, monkeypatch, tmp_path):
+    """With an object store the deletions go through MLflow's own artifact repository of the
+    destination's URI; a file:// destination stands in for the bucket (same code path)."""
+    tracking, root, ids = store
+    destination = f"file://{root}"
+    monkeypatch.setattr(
+        gcagent, "stores", lambda env: (env["MLFLOW_BACKEND_STORE_URI"],
+                                        {"MLFLOW_ARTIFACTS_DESTINATION": destination})
+    )  # fmt: skip
+    report = gcagent.run(0, dry_run=False)
+    assert report["artifact_store"] == destination
+    assert {d.removeprefix(destination).split("/")[2] for d in report["artifact_dirs"]} == {
+        ids["deleted"],
+        ids["in-doomed"],
+    }
+    assert [p.split("/")[1] for p in files_under(root)] == [ids["active"]]
+
+
+def test_stores_postgres_profile_uses_bundled_database_not_image_default(tmp_path):
+    """The image's MLFLOW_BACKEND_STORE_URI names a SQLite file even with PostgreSQL: gc must
+    open the database the server opens."""
+    password = tmp_path / "password"
+    password.write_text("pw\n")
+    env = {
+        "MLFLOW_BACKEND_STORE_URI": "sqlite:////var/lib/mlflow/db/mlflow.db",
+        "MLFLOW_ARTIFACTS_DESTINATION": "/var/lib/mlflow/artifacts",
+        "COMPOSE_PROFILES": "postgres",
+        "POSTGRES_PASSWORD_FILE": str(password),
+    }
+    uri, artifact_store = gcagent.stores(env)
+    assert uri.startswith("postgresql") and "@postgres:5432/mlflow" in uri
+    assert artifact_store == {"MLFLOW_ARTIFACTS_DESTINATION": "/var/lib/mlflow/artifacts"}
