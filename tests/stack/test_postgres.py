@@ -189,6 +189,23 @@ def test_stackctl_backup_refuses_postgres_store_writes_nothing(pg, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_stackctl_gc_collects_in_postgres(pg, client):
+    """gc opens the database the server opens (before, it collected the image's unused SQLite
+    file and reported nothing)."""
+    doomed = client.create_experiment("pg-gc-doomed")
+    client.delete_experiment(doomed)
+    result = subprocess.run(
+        ["python3", str(ROOT / "scripts" / "stackctl"), "gc", "--older-than", "0", "--json"],
+        capture_output=True, text=True, env=pg.env, check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {"experiment_id": doomed, "name": "pg-gc-doomed"} in json.loads(result.stdout)[
+        "experiments"
+    ]
+    assert pg.psql(f"SELECT count(*) FROM experiments WHERE experiment_id = {int(doomed)}") == ["0"]
+    assert client.get_experiment_by_name(EXPERIMENT) is not None
+
+
 def test_server_does_not_start_when_migrate_fails(pg):
     """A schema newer than the pinned MLflow knows: migrate refuses (exit 1), and compose never
     starts the stopped server."""
