@@ -167,6 +167,13 @@ def test_prefix_without_slash_redirects_relative(prefixed):
     assert response.headers["Location"] == PREFIX + "/"
 
 
+def test_outside_prefix_answers_carry_security_headers(prefixed):
+    for path in ("/", PREFIX):
+        response = requests.get(prefixed.url + path, allow_redirects=False)
+        assert response.headers["X-Content-Type-Options"] == "nosniff", path
+        assert response.headers["X-Frame-Options"] == "SAMEORIGIN", path
+
+
 def test_healthz_stays_at_root(prefixed):
     assert requests.get(prefixed.url + "/healthz").status_code == 200
 
