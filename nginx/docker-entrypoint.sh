@@ -194,6 +194,109 @@ render_tls() {
     } > "$NGINX_DIR/conf.d/02-tls-redirect-names.conf"
 }
 
+# PUBLIC_PATH ("/mlflow", empty for the root): the prefix the whole site answers under. It is
+# written into location lines and a regex, so it is held to a shape that is literal in both:
+# "/segment" parts of [A-Za-z0-9._~-] only, no "." or ".." segment, no "//", no trailing "/",
+# and no leading "_" (nginx's internal locations, /_auth, /_artifact_files/..., start so).
+check_public_path() {
+    value=${PUBLIC_PATH:-}
+    [ -z "$value" ] && return 0
+    # grep judges line by line: a value of several lines must not pass on one good line.
+    if [ "$(printf '%s' "$value" | wc -l)" -ne 0 ] \
+        || ! printf '%s\n' "$value" | grep -Eq '^(/[A-Za-z0-9._~-]+){1,16}$' \
+        || printf '%s\n' "$value" | grep -Eq '(^|/)\.\.?(/|$)|^/_' \
+        || [ "${#value}" -gt 200 ]; then
+        value=$(printf '%s' "$value" | tr -c '[:print:]' '?')
+        echo "docker-entrypoint: PUBLIC_PATH: '$value' is not a path such as /mlflow (one leading /, no trailing /, segments of A-Z a-z 0-9 . _ ~ -, no . or .., not /_...)" >&2
+        return 1
+    fi
+}
+
+# The path the gate judges and MLflow routes: the request's normalized $uri without PUBLIC_PATH.
+# The site's locations all start with PUBLIC_PATH and proxy_pass replaces that prefix (nginx
+# re-escapes the rest), so MLflow receives exactly this; outside the prefix no location
+# proxies at all (render_outside_prefix). Not matching (impossible inside those locations):
+# empty, which the gate refuses as malformed (forwarded.py), so any slip fails closed.
+render_public_path_map() {
+    # shellcheck disable=SC2016  # nginx's variables
+    if [ -z "${PUBLIC_PATH:-}" ]; then
+        printf 'map $uri $public_path_rest {\n    default $uri;\n}\n'
+    else
+        printf 'map $uri $public_path_rest {\n    "~(?s)^%s(?<public_path_tail>/.*)$" $public_path_tail;\n    default "";\n}\n' \
+            "$(public_path_regex)"
+    fi
+}
+
+# PUBLIC_PATH as a regex: "." is the only character check_public_path lets through that PCRE
+# does not take literally.
+public_path_regex() {
+    printf '%s' "${PUBLIC_PATH:-}" | sed 's/\./\\./g'
+}
+
+# conf.d/site/outside-prefix.conf, included by the site's server: with PUBLIC_PATH set, every
+# path outside it gets nginx's own 404 without a login (it names nothing of MLflow's), and the
+# prefix itself redirects to the prefix with "/" (relative, so the published port and scheme
+# stay what the client used; the UI's links are relative to that page).
+render_outside_prefix() {
+    mkdir -p "$NGINX_DIR/conf.d/site"
+    target="$NGINX_DIR/conf.d/site/outside-prefix.conf"
+    if [ -z "${PUBLIC_PATH:-}" ]; then
+        echo '# PUBLIC_PATH is empty: the site answers at the root.' > "$target"
+        return 0
+    fi
+    printf 'location / {\n    return 404 "Not found\\n";\n}\nlocation = %s {\n    absolute_redirect off;\n    return 301 %s/;\n}\n' \
+        "$PUBLIC_PATH" "$PUBLIC_PATH" > "$target"
+}
+
+# TRUSTED_PROXIES (comma- or space-separated addresses or CIDRs, empty by default): proxies in
+# front of this nginx whose X-Forwarded-For is believed. Rendered at http level into the realip
+# module's settings, so $remote_addr (the access log, the per-address connection limit, the
+# gate's X-Client-Address and with it the login throttling) is the right-most address of the
+# chain that is not a trusted proxy. Empty: nobody's X-Forwarded-For is read. Each entry is
+# held to digits, hex, dots and colons with an optional prefix length before it is written.
+check_trusted_proxies() {
+    for entry in $(printf '%s' "${TRUSTED_PROXIES:-}" | tr ',' ' '); do
+        if ! trusted_proxy_ok "$entry"; then
+            entry=$(printf '%s' "$entry" | tr -c '[:print:]' '?')
+            echo "docker-entrypoint: TRUSTED_PROXIES: '$entry' is not an address or CIDR (e.g. 10.0.0.0/8)" >&2
+            return 1
+        fi
+    done
+}
+
+trusted_proxy_ok() {
+    if printf '%s\n' "$1" | grep -Eq '^([0-9]{1,3}\.){3}[0-9]{1,3}(/[0-9]{1,2})?$'; then
+        address=${1%%/*}
+        bits=${1#"$address"}
+        bits=${bits#/}
+        for octet in $(printf '%s' "$address" | tr '.' ' '); do
+            [ "$octet" -le 255 ] || return 1
+        done
+        [ -z "$bits" ] || [ "$bits" -le 32 ]
+        return
+    fi
+    if printf '%s\n' "$1" | grep -Eq '^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?$'; then
+        bits=${1#*/}
+        [ "$bits" = "$1" ] || [ "$bits" -le 128 ]
+        return
+    fi
+    return 1
+}
+
+render_real_ip() {
+    entries=$(printf '%s' "${TRUSTED_PROXIES:-}" | tr ',' ' ')
+    if [ -z "$(printf '%s' "$entries" | tr -d ' ')" ]; then
+        echo '# TRUSTED_PROXIES is empty: no X-Forwarded-For is believed.'
+        return 0
+    fi
+    echo 'real_ip_header X-Forwarded-For;'
+    # The right-most address that is not a trusted proxy: what a client prepends is ignored.
+    echo 'real_ip_recursive on;'
+    for entry in $entries; do
+        printf 'set_real_ip_from %s;\n' "$entry"
+    done
+}
+
 # The per-installation secret nginx sends to the gate and the server, which refuse requests
 # without it (scripts/mlflowstack/stacksecrets.py). Kept out of conf.d, so that
 # "stackctl config render" never prints it; readable by nginx's user only (mode 0600).
@@ -244,6 +347,8 @@ check_auth_cache_ttl
 check_request_body_limit
 check_serve_models
 check_tls
+check_public_path
+check_trusted_proxies
 # The root file system is read-only: /etc/nginx/conf.d and /etc/nginx/private are tmpfs mounts
 # (compose.yaml), and nginx's pid and temp files go to /tmp/nginx (nginx.conf).
 mkdir -p /tmp/nginx
@@ -252,10 +357,16 @@ render_serving_map > "$NGINX_DIR/conf.d/01-serving.conf"
 render_proxy_secret
 render_serving_secret
 render_tls
+render_public_path_map > "$NGINX_DIR/conf.d/00-public-path.conf"
+render_outside_prefix
+render_real_ip > "$NGINX_DIR/conf.d/00-real-ip.conf"
+PUBLIC_PATH=${PUBLIC_PATH:-}
+PUBLIC_PATH_REGEX=$(public_path_regex)
+export PUBLIC_PATH PUBLIC_PATH_REGEX
 
 # Only our variables are substituted, so nginx's own $variables survive.
 # shellcheck disable=SC2016  # envsubst wants the names literally
-variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL} ${REQUEST_BODY_LIMIT} ${SERVING_BODY_LIMIT}'
+variables='${SERVER_UPSTREAM} ${GATE_UPSTREAM} ${PROXY_TIMEOUT} ${AUTH_CACHE_TTL} ${REQUEST_BODY_LIMIT} ${SERVING_BODY_LIMIT} ${PUBLIC_PATH} ${PUBLIC_PATH_REGEX}'
 set +f  # the one glob of this script, over our own files
 for template in "$NGINX_DIR"/templates/*.template; do
     target="$NGINX_DIR/conf.d/$(basename "$template" .template)"

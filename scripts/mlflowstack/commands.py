@@ -437,18 +437,21 @@ def config_render(args) -> int:
 
 
 def config_check(args) -> int:
-    """``docker compose config -q``, with TLS on the files of tls/ (tlsctl.py), then
-    ``nginx -t`` on the config rendered from .env.
+    """``docker compose config -q``, PUBLIC_PATH and TRUSTED_PROXIES (edgesettings.py), with
+    TLS on the files of tls/ (tlsctl.py), then ``nginx -t`` on the config rendered from .env.
 
     Upstreams point at loopback for the check: nginx resolves them at load, and the other
     services need not run.
     """
-    from mlflowstack.tlsctl import config_check_tls  # tlsctl imports this module
+    from mlflowstack import edgesettings
+    from mlflowstack.tlsctl import config_check_tls, nginx_settings  # tlsctl imports this module
 
     status = _compose(args, "config", "--quiet")
     if status:
         raise BundleError("docker compose config failed (see above)")
-    config_check_tls(args)
+    settings = nginx_settings(args)
+    edgesettings.check(settings)
+    config_check_tls(args, settings)
     status = _compose(
         args,
         "run",

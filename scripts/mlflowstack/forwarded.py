@@ -15,7 +15,8 @@ Contract of the nginx -> gate boundary (the other end: nginx/njs/verdicts.js and
   echoes it on every answer, and njs throws away any answer that does not carry it. An answer
   that was meant for another request (a desynchronised keep-alive connection) therefore can
   never grant anything.
-- ``X-Client-Address`` is nginx's ``$remote_addr``.
+- ``X-Client-Address`` is nginx's ``$remote_addr``: the peer, or with ``TRUSTED_PROXIES`` the
+  right-most address of ``X-Forwarded-For`` that is not a trusted proxy (nginx's realip module).
 - ``X-Stack-Proxy-Secret`` is the per-installation secret (mlflowstack/stacksecrets.py) that
   only nginx, the gate and the server know: whoever reaches the gate's port without it
   (another container on the backend network) is refused like any other malformed request.

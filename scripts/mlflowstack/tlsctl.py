@@ -105,9 +105,9 @@ def tls_install(args) -> int:
     return 0
 
 
-def config_check_tls(args) -> None:
+def config_check_tls(args, settings: dict[str, str] | None = None) -> None:
     """config check's TLS part: the mode, and with TLS on, the files of tls/."""
-    settings = nginx_settings(args)
+    settings = settings if settings is not None else nginx_settings(args)
     mode = tls.tls_mode(settings.get("TLS_MODE"))
     if mode == "off":
         return

@@ -268,6 +268,21 @@ def test_config_check_without_docker_one_line_error(monkeypatch, tmp_path):
     assert status == 1 and err.count("\n") == 1 and "docker is not installed here" in err
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"), [("PUBLIC_PATH", "/mlflow/"), ("TRUSTED_PROXIES", "10.0.0.1/8")]
+)
+def test_config_check_bad_edge_setting_one_line_error_before_nginx(monkeypatch, setting, value):
+    from mlflowstack import tlsctl
+
+    settings = {"PUBLIC_PATH": "", "TRUSTED_PROXIES": "", setting: value}
+    monkeypatch.setattr(tlsctl, "nginx_settings", lambda args: settings)
+    calls = []
+    monkeypatch.setattr(commands, "_compose", lambda args, *words, **_: calls.append(words) or 0)
+    status, _, err = run(None, "config", "check")
+    assert status == 1 and err.count("\n") == 1 and f"stackctl: {setting}: " in err
+    assert calls == [("config", "--quiet")]
+
+
 # init and EXTRA_CA_BUNDLE
 
 PEM = b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n"
