@@ -343,6 +343,31 @@ check_request_body_limit() {
     fi
 }
 
+# Every setting this script writes into nginx's config, one printable line each: the checks
+# below use grep, which judges line by line, so "4m<newline>anything" would pass on its first
+# line and carry the rest into the config.
+check_single_lines() {
+    for name in PUBLIC_HOSTNAME SERVE_MODELS REQUEST_BODY_LIMIT SERVING_BODY_LIMIT AUTH_CACHE_TTL \
+        PROXY_TIMEOUT TLS_MODE HTTPS_PORT PUBLIC_PATH TRUSTED_PROXIES SERVER_UPSTREAM GATE_UPSTREAM; do
+        eval "value=\${$name:-}"
+        if [ "$(printf '%s' "$value" | tr -d '[:print:]' | wc -c)" -ne 0 ]; then
+            echo "docker-entrypoint: $name: holds a line break or another control character" >&2
+            return 1
+        fi
+    done
+}
+
+# PROXY_TIMEOUT: how long nginx waits on the server and on a client's body (nginx's time).
+check_proxy_timeout() {
+    [ -z "${PROXY_TIMEOUT:-}" ] && return 0  # the image's ENV sets it; unset only in unit tests
+    if ! printf '%s\n' "${PROXY_TIMEOUT:-}" | grep -Eq '^[1-9][0-9]{0,6}(ms|s|m|h)?$'; then
+        echo "docker-entrypoint: PROXY_TIMEOUT: '${PROXY_TIMEOUT:-}' is not a time such as 3600s" >&2
+        return 1
+    fi
+}
+
+check_single_lines
+check_proxy_timeout
 check_auth_cache_ttl
 check_request_body_limit
 check_serve_models

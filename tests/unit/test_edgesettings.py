@@ -152,3 +152,39 @@ def test_entrypoint_empty_trusted_proxies_no_real_ip(nginx_dir):
     assert _entrypoint(nginx_dir).returncode == 0
     real_ip = (nginx_dir / "conf.d" / "00-real-ip.conf").read_text()
     assert all(line.startswith("#") for line in real_ip.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REQUEST_BODY_LIMIT", "4m\n}\nserver { listen 9999; }"),
+        ("SERVING_BODY_LIMIT", "4m\r\nx"),
+        ("PUBLIC_HOSTNAME", "mlflow.example.com\nevil.example.com;"),
+        ("SERVE_MODELS", "iris@production\n}"),
+        ("AUTH_CACHE_TTL", "2s\n;"),
+        ("PROXY_TIMEOUT", "60s\x1b[2J"),
+        ("TRUSTED_PROXIES", "10.0.0.0/8\n0.0.0.0/0"),
+    ],
+)
+def test_entrypoint_setting_with_line_break_stops_before_rendering(nginx_dir, name, value):
+    """grep judges line by line: a second line must never ride into nginx's config."""
+    result = _entrypoint(nginx_dir, **{name: value})
+    assert result.returncode != 0
+    assert _errors(result) == [
+        f"docker-entrypoint: {name}: holds a line break or another control character"
+    ]
+
+
+@pytest.mark.parametrize("value", ["60s; include /etc/passwd", "1d", "0s", "fast", "60 s"])
+def test_entrypoint_bad_proxy_timeout_stops_with_one_line(nginx_dir, value):
+    result = _entrypoint(nginx_dir, PROXY_TIMEOUT=value)
+    assert result.returncode != 0
+    assert _errors(result) == [
+        f"docker-entrypoint: PROXY_TIMEOUT: '{value}' is not a time such as 3600s"
+    ]
+
+
+@needs_envsubst
+@pytest.mark.parametrize("value", ["3600s", "90", "500ms", "2h"])
+def test_entrypoint_good_proxy_timeout_renders(nginx_dir, value):
+    assert _entrypoint(nginx_dir, PROXY_TIMEOUT=value).returncode == 0
