@@ -5,7 +5,9 @@ params, tags, metric histories and a dataset input, a logged artifact, a trace, 
 with versions, an alias, a legacy stage and tags; all of it is read back through the client.
 Then ``scripts/stackctl migrate-to-postgres`` runs as an operator runs it (host python3, the
 stack's bundle: here a directory of links to this checkout with a ``.env`` of its own, so the
-switch it writes stays there), and the client must read back exactly the same; psql shows the
+switch it writes stays there): first it fails at the copy on a tag value PostgreSQL cannot hold
+(a NUL character), and the SQLite stack serves everything again; with that tag deleted it
+succeeds, and the client must read back exactly the same; psql shows the
 rows; new experiments, runs, model versions and traces get fresh ids; a second run refuses (the
 stack is on PostgreSQL already); and after the README's rollback (postgres out of ``.env``, ``up``)
 the SQLite data is served as it was, and a third run refuses the non-empty PostgreSQL. The tests
@@ -18,6 +20,7 @@ import os
 import subprocess
 import time
 import warnings
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
@@ -28,6 +31,7 @@ from mlflow.entities import ViewType
 
 BUNDLE_ENV = b"# the test's bundle: its own settings file\nGATE_WORKERS=1\n"
 MODEL, OTHER_MODEL = "mv-model", "mv-other"
+NUL_TAG = "mv-nul"
 
 
 class SqliteStack(SecondStack):
@@ -183,17 +187,20 @@ def everything(client: MlflowClient) -> dict:
 
 @pytest.fixture(scope="module")
 def moved(stack, tmp_path_factory):
-    """The stack with everything logged on SQLite, read back, and its dry run's answer."""
+    """The stack with everything logged on SQLite and a tag PostgreSQL cannot hold (a NUL
+    character), read back; and its dry run's answer."""
     with SqliteStack(tmp_path_factory.mktemp("bundle")) as second:
         with client_of(second) as client:
             log_everything(client)
+            run = client.search_runs([client.get_experiment_by_name("mv-exp").experiment_id])[0]
+            client.set_tag(run.info.run_id, NUL_TAG, "a\x00b")
             before = everything(client)
         dry = second.stackctl("migrate-to-postgres", "--dry-run", "--json")
-        yield second, before, dry
+        yield SimpleNamespace(stack=second, before=before, dry=dry, run_id=run.info.run_id)
 
 
 def test_dry_run_prints_plan_and_row_counts_changes_nothing(moved):
-    second, before, dry = moved
+    second, before, dry = moved.stack, moved.before, moved.dry
     assert dry.returncode == 0, dry.stderr
     answer = json.loads(dry.stdout)
     assert answer["row_counts"]["experiments"] == len(before["experiments"])
@@ -207,8 +214,28 @@ def test_dry_run_prints_plan_and_row_counts_changes_nothing(moved):
     assert volumes.stdout.strip() == ""
 
 
+def test_copy_failure_starts_sqlite_stack_again_unchanged(moved):
+    """PostgreSQL refuses the NUL character in a text value (SQLite holds it): the copy's
+    transaction fails, nothing is switched, and the SQLite stack serves everything again."""
+    second = moved.stack
+    result = second.stackctl("migrate-to-postgres", "--no-backup")
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("stackctl: migrate-to-postgres failed at copy (")
+    assert "0x00" in line and line.endswith(
+        "nothing switched: the SQLite stack runs again, unchanged"
+    )
+    assert (second.bundle / ".env").read_bytes() == BUNDLE_ENV
+    assert not (second.bundle / "backups").exists()
+    with client_of(second) as client:
+        assert everything(client) == moved.before
+        # What the operator does about it: that value goes; the next run copies the rest.
+        client.delete_tag(moved.run_id, NUL_TAG)
+        moved.before = everything(client)
+
+
 def test_migrate_keeps_everything_the_client_reads(moved):
-    second, before, _ = moved
+    second, before = moved.stack, moved.before
     started = time.monotonic()
     result = second.stackctl("migrate-to-postgres")
     seconds = time.monotonic() - started
@@ -225,7 +252,7 @@ def test_migrate_keeps_everything_the_client_reads(moved):
 
 
 def test_psql_shows_the_copied_rows(moved):
-    second, before, _ = moved
+    second, before = moved.stack, moved.before
     assert set(second.psql("SELECT name FROM experiments")) == {
         name for name, *_ in before["experiments"].values()
     }
@@ -243,7 +270,7 @@ def test_psql_shows_the_copied_rows(moved):
 
 
 def test_new_writes_get_fresh_ids_after_migration(moved):
-    second, before, _ = moved
+    second, before = moved.stack, moved.before
     old_ids = {int(i) for i in before["experiments"]}
     with client_of(second) as client:
         new_ids = [int(client.create_experiment(f"mv-new-{n}")) for n in range(3)]
@@ -264,7 +291,7 @@ def test_new_writes_get_fresh_ids_after_migration(moved):
 
 
 def test_second_run_refuses_stack_already_on_postgres(moved):
-    second, _, _ = moved
+    second = moved.stack
     env_before = (second.bundle / ".env").read_bytes()
     result = second.stackctl("migrate-to-postgres")
     assert result.returncode == 1
@@ -277,7 +304,7 @@ def test_rollback_serves_sqlite_as_it_was_then_non_empty_target_refused(moved):
     """The README's rollback: postgres out of COMPOSE_PROFILES, up. The SQLite file was only
     read, so the stack serves what it held; PostgreSQL (still running) holds rows now, so
     another migration refuses it."""
-    second, before, _ = moved
+    second, before = moved.stack, moved.before
     (second.bundle / ".env").write_bytes(BUNDLE_ENV)
     second.bundle_compose("up", "-d", "--wait", "--no-build")
     with client_of(second) as client:
