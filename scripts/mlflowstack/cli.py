@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keeping = moving.add_mutually_exclusive_group()
     keeping.add_argument(
-        "--output", metavar="FILE", help="the backup's path (backups/pre-postgres-TIME.tar)"
+        "--output", metavar="FILE", help="the backup's path or directory (default: backups/)"
     )
     keeping.add_argument("--no-backup", action="store_true", help="take no backup first")
     moving.add_argument("--dry-run", action="store_true", help="check, print the plan, stop")

@@ -252,9 +252,11 @@ def inspect_target(compose: Compose, project: str, profiles: str) -> tuple[dict 
 
 
 def backup_path_for(args, now: datetime.datetime) -> Path:
-    if args.output:
-        return Path(args.output)
+    """``--output`` (a directory: a new name in it), else a new name in ``backups/``."""
     name = now.strftime("pre-postgres-%Y%m%dT%H%M%SZ.tar")
+    if args.output:
+        path = Path(args.output)
+        return path / name if path.is_dir() else path
     return commands._project_dir(args) / "backups" / name
 
 

@@ -4,9 +4,11 @@ SQLite and PostgreSQL, SQLite's side of the schema check). The whole command run
 stacks in tests/stack/test_migrate_to_postgres.py."""
 
 import contextlib
+import datetime
 import sqlite3
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflowstack import cli, pgmove, pgmoveagent
@@ -227,3 +229,13 @@ def test_plan_counts_rows_without_alembic_version_names_backup_and_env(tmp_path)
 def test_env_with_profile_unreadable_line_refused():
     with pytest.raises(BundleError, match="not UTF-8"):
         pgmove.env_with_profile(b"COMPOSE_PROFILES=\xff\n")
+
+
+def test_backup_path_for_directory_gets_new_name_file_kept(tmp_path):
+    now = datetime.datetime(2026, 11, 28, 18, 0, 0)
+    args = SimpleNamespace(output=str(tmp_path), project_dir=str(tmp_path / "bundle"))
+    assert pgmove.backup_path_for(args, now) == tmp_path / "pre-postgres-20261128T180000Z.tar"
+    args.output = str(tmp_path / "mine.tar")
+    assert pgmove.backup_path_for(args, now) == tmp_path / "mine.tar"
+    args.output = None
+    assert pgmove.backup_path_for(args, now).parent == tmp_path / "bundle" / "backups"
