@@ -8,7 +8,18 @@ errors, from argparse); nothing is written when a command fails.
 import argparse
 import sys
 
-from mlflowstack import audit, backup, commands, ensure, gc, restore, serve, tlsctl, upgrade
+from mlflowstack import (
+    audit,
+    backup,
+    commands,
+    ensure,
+    gc,
+    pgmove,
+    restore,
+    serve,
+    tlsctl,
+    upgrade,
+)
 from mlflowstack.files import BundleError
 from mlflowstack.users import DEFAULT_ROLE, MIN_BCRYPT_COST, ROLES
 
@@ -200,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     upgrading.add_argument("--dry-run", action="store_true", help="check, print the plan, stop")
     _report_options(upgrading)
     upgrading.set_defaults(run=upgrade.upgrade)
+
+    moving = sub.add_parser(
+        "migrate-to-postgres",
+        help="move a SQLite stack's data into the bundled PostgreSQL (the postgres profile)",
+        description="Checks first (SQLite at MLflow's head, an empty PostgreSQL), takes a "
+        "backup, stops nginx, auth and server, starts PostgreSQL and migrate, copies every "
+        "table in one transaction and compares counts and contents, then sets "
+        "COMPOSE_PROFILES in .env and starts the stack. A failure before the switch starts "
+        "the SQLite stack again, unchanged. The SQLite file stays in its volume.",
+    )
+    keeping = moving.add_mutually_exclusive_group()
+    keeping.add_argument(
+        "--output", metavar="FILE", help="the backup's path or directory (default: backups/)"
+    )
+    keeping.add_argument("--no-backup", action="store_true", help="take no backup first")
+    moving.add_argument("--dry-run", action="store_true", help="check, print the plan, stop")
+    _report_options(moving)
+    moving.set_defaults(run=pgmove.migrate_to_postgres)
 
     collecting = sub.add_parser(
         "gc",
