@@ -175,6 +175,34 @@ def job_execution_enabled(env: dict[str, str]) -> bool:
     return value in {"true", "1"}
 
 
+MAX_REPLICAS = 16
+
+
+def check_replicas(env: dict[str, str], with_jobs: bool) -> int:
+    """``SERVER_REPLICAS`` (compose's replica count of this service), checked against what
+    several servers can share. Raises SettingError: more than one on the SQLite file (every
+    replica would open it from its own container; the server copies and migrates it at start,
+    which only one process may do), or with MLflow's job runner (its periodic tasks and job
+    queue would run in every replica)."""
+    raw = env.get("SERVER_REPLICAS", "").strip() or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_REPLICAS:
+        raise SettingError(
+            f"SERVER_REPLICAS: {raw[:20]!r} is not a number from 1 to {MAX_REPLICAS}"
+        )
+    replicas = int(raw)
+    if replicas > 1 and backendstore.is_sqlite(env["MLFLOW_BACKEND_STORE_URI"]):
+        raise SettingError(
+            f"SERVER_REPLICAS={replicas} needs PostgreSQL (COMPOSE_PROFILES=postgres or "
+            "DATABASE_URI): replicas cannot share the SQLite file"
+        )
+    if replicas > 1 and with_jobs:
+        raise SettingError(
+            f"SERVER_REPLICAS={replicas} with MLFLOW_SERVER_ENABLE_JOB_EXECUTION: the job runner "
+            "would run in every replica; use one replica for it"
+        )
+    return replicas
+
+
 def prepare_backend_store(env: dict[str, str]) -> None:
     """Create or check the database once, before any worker starts.
 
@@ -241,8 +269,10 @@ def main() -> int:
             **os.environ,
             "MLFLOW_BACKEND_STORE_URI": backendstore.backend_store_uri(os.environ),
         }
-        env = {**server_environment(settings), **kek_environment(settings)}
+        env = server_environment(settings)
         with_jobs = job_execution_enabled(env)
+        check_replicas(env, with_jobs)
+        env = {**env, **kek_environment(settings)}
     except (SettingError, KeyError) as error:
         print(f"start: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 import pytest
 import start
+from backendstore import SettingError
 
 
 def test_security_environment_unset_allows_any_host():
@@ -104,3 +105,35 @@ def test_server_environment_serve_models_empty_keeps_only_public_names():
         }
     )
     assert "nginx" not in env["MLFLOW_SERVER_ALLOWED_HOSTS"]
+
+
+PG = "postgresql+psycopg://mlflow:pw@postgres:5432/mlflow"
+SQLITE = "sqlite:////var/lib/mlflow/db/mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("value", "uri", "replicas"), [("", SQLITE, 1), ("1", SQLITE, 1), ("3", PG, 3), ("16", PG, 16)]
+)
+def test_check_replicas_allowed_counts(value, uri, replicas):
+    env = {"SERVER_REPLICAS": value, "MLFLOW_BACKEND_STORE_URI": uri}
+    assert start.check_replicas(env, with_jobs=False) == replicas
+
+
+@pytest.mark.parametrize("value", ["0", "17", "-1", "3x", "three", "1e2", " 2 3"])
+def test_check_replicas_not_a_count_refused(value):
+    env = {"SERVER_REPLICAS": value, "MLFLOW_BACKEND_STORE_URI": PG}
+    with pytest.raises(SettingError, match="^SERVER_REPLICAS: .* is not a number from 1 to 16"):
+        start.check_replicas(env, with_jobs=False)
+
+
+def test_check_replicas_several_on_sqlite_refused():
+    env = {"SERVER_REPLICAS": "2", "MLFLOW_BACKEND_STORE_URI": SQLITE}
+    with pytest.raises(SettingError, match="needs PostgreSQL"):
+        start.check_replicas(env, with_jobs=False)
+
+
+def test_check_replicas_several_with_job_runner_refused():
+    env = {"SERVER_REPLICAS": "2", "MLFLOW_BACKEND_STORE_URI": PG}
+    with pytest.raises(SettingError, match="job runner would run in every replica"):
+        start.check_replicas(env, with_jobs=True)
+    assert start.check_replicas({**env, "SERVER_REPLICAS": "1"}, with_jobs=True) == 1
