@@ -36,9 +36,12 @@ if [ ! -e "$marker" ]; then
 fi
 
 # listen_addresses: every address of the container, i.e. the backend network only (compose).
-# The sockets directory is a tmpfs; hba_file is the image's, not the cluster's.
+# The sockets directory is a tmpfs; hba_file is the image's, not the cluster's. Arguments
+# given to the container (compose's `command:`) follow, e.g. `-c max_connections=300`: later
+# settings win, so they can change these too.
 exec postgres -D "$data" \
     -c listen_addresses='*' \
     -c unix_socket_directories=/run/postgresql \
     -c hba_file=/etc/mlflow-postgres/pg_hba.conf \
-    -c password_encryption=scram-sha-256
+    -c password_encryption=scram-sha-256 \
+    "$@"

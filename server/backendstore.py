@@ -7,7 +7,10 @@ own environment, never in the container's settings, so ``docker inspect`` does n
 - ``DATABASE_URI`` set: that database (an external PostgreSQL, README "PostgreSQL"). A URI
   without a password takes the first line of ``DATABASE_PASSWORD_FILE`` when that file is not
   empty (compose mounts the operator's file there, or /dev/null); a URI that holds a password
-  and a non-empty file as well is refused, since one of them would be silently ignored.
+  and a non-empty file as well is refused, since one of them would be silently ignored. A
+  non-empty ``DATABASE_CA_FILE`` (likewise mounted) becomes ``sslrootcert``, with
+  ``sslmode=verify-full`` unless the URI sets a mode: the database's certificate and name are
+  checked against the operator's CA (a managed database's bundle).
 - otherwise, ``COMPOSE_PROFILES`` lists ``postgres``: the bundled PostgreSQL
   (``BUNDLED_POSTGRES_URI``), its password from ``POSTGRES_PASSWORD_FILE``, which the init
   service generates (mlflowstack/stacksecrets.py); a missing or empty file is refused.
@@ -63,6 +66,34 @@ def profiles(env: dict[str, str]) -> set[str]:
     return {name.strip() for name in env.get("COMPOSE_PROFILES", "").split(",") if name.strip()}
 
 
+def _with_ca(url: sqlalchemy.engine.URL, env: dict[str, str]) -> sqlalchemy.engine.URL:
+    """The external database's URI verifying the server's certificate against
+    ``DATABASE_CA_FILE`` when that file is not empty: ``sslrootcert`` names it, and
+    ``sslmode`` is ``verify-full`` (the certificate and the host name) unless the URI chose."""
+    path = env.get("DATABASE_CA_FILE", "").strip()
+    if not path:
+        return url
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read()
+    except OSError as error:
+        raise SettingError(
+            f"{path}: cannot read the database's CA certificate ({error.strerror})"
+        ) from None
+    if not content.strip():
+        return url
+    if b"-----BEGIN CERTIFICATE-----" not in content:
+        raise SettingError(f"{path}: DATABASE_CA_FILE holds no PEM certificate")
+    if "sslrootcert" in url.query:
+        raise SettingError(
+            "DATABASE_URI names sslrootcert and DATABASE_CA_FILE is set too: keep one"
+        )
+    query = {"sslrootcert": path}
+    if "sslmode" not in url.query:
+        query["sslmode"] = "verify-full"
+    return url.update_query_dict(query)
+
+
 def backend_store_uri(env: dict[str, str]) -> str:
     """See the module's contract."""
     external = env.get("DATABASE_URI", "").strip()
@@ -77,7 +108,7 @@ def backend_store_uri(env: dict[str, str]) -> str:
             )
         if password is not None:
             url = url.set(password=password)
-        return url.render_as_string(hide_password=False)
+        return _with_ca(url, env).render_as_string(hide_password=False)
     if POSTGRES_PROFILE in profiles(env):
         path = env.get("POSTGRES_PASSWORD_FILE") or DEFAULT_POSTGRES_PASSWORD_FILE
         url = _parse(BUNDLED_POSTGRES_URI, "BUNDLED_POSTGRES_URI")

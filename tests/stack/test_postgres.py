@@ -177,6 +177,115 @@ def test_external_database_by_uri_and_password_file(pg, client, tmp_path):
         pg.compose("up", "-d", "--wait", "--no-build")
 
 
+def _tls_files(folder, name: str) -> None:
+    """A CA and a certificate for ``name`` made by it, in ``folder``: ca.pem, server.pem and
+    server.key, owned by the containers' uid (PostgreSQL refuses a key others can read)."""
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test database CA",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        f"/CN={name}",
+    )
+    (folder / "san.cnf").write_text(f"subjectAltName=DNS:{name}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2",
+            "-extfile", "san.cnf")  # fmt: skip
+    for path in folder.iterdir():
+        os.chown(path, 10001, 10001)
+        path.chmod(0o600 if path.suffix == ".key" else 0o644)
+    folder.chmod(0o755)
+
+
+def test_external_database_over_tls_verified_against_ca_file(pg, client, tmp_path):
+    """A managed database's TLS: a second PostgreSQL (the same image) with ssl on and a
+    certificate for the name pgtls; DATABASE_CA_FILE is its CA. The server connects encrypted
+    and verified (pg_stat_ssl); the same database by its address (not in the certificate) is
+    refused, and the server does not start."""
+    _tls_files(tmp_path, "pgtls")
+    password = pg.compose("exec", "-T", "postgres", "cat", PASSWORD_FILE).strip()
+    (tmp_path / "password").write_text(password + "\n")
+    (tmp_path / "password").chmod(0o644)
+    name = f"{pg.project}-pgtls"
+    subprocess.run(
+        ["docker", "run", "-d", "--name", name, "--network", f"{pg.project}_backend",
+         "--network-alias", "pgtls", "--tmpfs", "/run/postgresql:uid=10001,gid=10001",
+         "--tmpfs", "/var/lib/postgresql/data:uid=10001,gid=10001",
+         "-v", f"{tmp_path}:/certs:ro", "-e", "POSTGRES_PASSWORD_FILE=/certs/password",
+         f"{pg.project}-postgres", "-c", "ssl=on", "-c", "ssl_cert_file=/certs/server.pem",
+         "-c", "ssl_key_file=/certs/server.key"],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    saved = dict(pg.env)
+    try:
+        deadline = time.monotonic() + 60
+        ready = ["docker", "exec", name, "pg_isready", "-q", "-h", "/run/postgresql"]
+        while subprocess.run([*ready, "-d", "mlflow"], capture_output=True).returncode:
+            logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+            assert time.monotonic() < deadline, f"the TLS PostgreSQL did not start: {logs}"
+            time.sleep(1)
+        pg.env.update(
+            DATABASE_URI="postgresql://mlflow@pgtls:5432/mlflow?connect_timeout=5",
+            DATABASE_PASSWORD_FILE=str(tmp_path / "password"),
+            DATABASE_CA_FILE=str(tmp_path / "ca.pem"),
+        )
+        pg.compose("up", "-d", "--wait", "--no-build")
+        client.create_experiment("over-tls")
+        encrypted = subprocess.run(
+            ["docker", "exec", name, "psql", "-h", "/run/postgresql", "-U", "mlflow", "-d",
+             "mlflow", "-Atc", "SELECT count(*), bool_and(ssl) FROM pg_stat_ssl JOIN "
+             "pg_stat_activity USING (pid) WHERE client_addr IS NOT NULL"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        count, all_ssl = encrypted.split("|")
+        assert int(count) > 0 and all_ssl == "t", encrypted
+
+        address = json.loads(subprocess.run(["docker", "inspect", name], capture_output=True,
+                                            check=True).stdout)[0]  # fmt: skip
+        ip = address["NetworkSettings"]["Networks"][f"{pg.project}_backend"]["IPAddress"]
+        pg.env["DATABASE_URI"] = f"postgresql://mlflow@{ip}:5432/mlflow?connect_timeout=5"
+        pg.compose("stop", "server")
+        refused = subprocess.run([*pg.command, "up", "-d", "--wait", "--no-build"], env=pg.env,
+                                 capture_output=True, text=True, check=False)  # fmt: skip
+        assert refused.returncode != 0
+        assert "does not match host name" in pg.compose("logs", "--no-color", "migrate")
+        # Recreated for the new settings ("created") and never started.
+        assert pg.inspect("server")["State"]["Status"] in ("created", "exited")
+    finally:
+        pg.env.clear()
+        pg.env.update(saved)
+        subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True)
+        pg.compose("up", "-d", "--wait", "--no-build")
+
+
 def test_stackctl_backup_refuses_postgres_store_writes_nothing(pg, tmp_path):
     """stackctl backup archives the SQLite file: with PostgreSQL it must refuse, not succeed
     with an archive that holds none of the runs."""

@@ -230,3 +230,50 @@ def test_volumeagent_main_server_mode_with_postgres_exits_1(monkeypatch, capsys)
     monkeypatch.setitem(volumeagent.MODES, "dump-server", lambda *_: pytest.fail("dumped"))
     assert volumeagent.main(["dump-server"]) == 1
     assert "PostgreSQL" in capsys.readouterr().err
+
+
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+EXTERNAL = "postgresql://mlflow@db.example.com:5432/mlflow"
+
+
+def _external(tmp_path: Path, uri: str = EXTERNAL, ca: str = CA_PEM) -> dict[str, str]:
+    return {
+        "DATABASE_URI": uri,
+        "DATABASE_PASSWORD_FILE": _password_file(tmp_path, "pw\n"),
+        "DATABASE_CA_FILE": _password_file(tmp_path, ca, name="ca.pem"),
+    }
+
+
+def test_backend_store_uri_ca_file_verifies_full_by_default(tmp_path):
+    url = sqlalchemy.engine.make_url(backendstore.backend_store_uri(_external(tmp_path)))
+    assert url.query == {"sslrootcert": str(tmp_path / "ca.pem"), "sslmode": "verify-full"}
+    assert url.password == "pw"
+
+
+def test_backend_store_uri_ca_file_keeps_the_uris_sslmode(tmp_path):
+    env = _external(tmp_path, uri=EXTERNAL + "?sslmode=verify-ca")
+    url = sqlalchemy.engine.make_url(backendstore.backend_store_uri(env))
+    assert url.query["sslmode"] == "verify-ca"
+
+
+def test_backend_store_uri_empty_ca_file_changes_nothing(tmp_path):
+    uri = backendstore.backend_store_uri(_external(tmp_path, ca=""))
+    assert "sslrootcert" not in uri and "sslmode" not in uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "ca", "message"),
+    [
+        (EXTERNAL, "not a certificate\n", "holds no PEM certificate"),
+        (EXTERNAL + "?sslrootcert=/etc/ca.pem", CA_PEM, "keep one"),
+    ],
+)
+def test_backend_store_uri_bad_ca_settings_refused(tmp_path, uri, ca, message):
+    with pytest.raises(backendstore.SettingError, match=message):
+        backendstore.backend_store_uri(_external(tmp_path, uri=uri, ca=ca))
+
+
+def test_backend_store_uri_unreadable_ca_file_refused(tmp_path):
+    env = {**_external(tmp_path), "DATABASE_CA_FILE": str(tmp_path / "missing.pem")}
+    with pytest.raises(backendstore.SettingError, match="cannot read the database's CA"):
+        backendstore.backend_store_uri(env)
