@@ -3,7 +3,10 @@
 An archive is an uncompressed tar (artifacts are mostly compressed already, and gzip would cost
 minutes of CPU on a 2-core box) whose last member is ``manifest.json``::
 
-    db/mlflow.db                  the SQLite snapshot
+    db/mlflow.db                  the SQLite snapshot, or
+    db/mlflow.sql                 the bundled PostgreSQL's dump (a plain pg_dump script,
+                                  mlflowstack/pgstore.py); the manifest's database names its
+                                  ``kind`` (none: sqlite, archives before PostgreSQL)
     artifacts/PATH                only the artifacts this archive holds (new or changed)
     users/NAME, secrets/NAME      the users and secrets volumes' files
     server-secrets/NAME           the server-secrets volume's (MLflow's key-encryption
@@ -24,7 +27,8 @@ Contract:
   (a truncated archive loses it: it is last), or is not ours.
 - :func:`verify_backup` checks, before anything is written anywhere, every byte restore would
   use: each member's presence, type (regular files only), size and sha256, in this archive and
-  in each earlier one it names; the database's integrity and row counts. It returns a
+  in each earlier one it names; the database's integrity and row counts (SQLite's integrity
+  check; a dump's completeness and the rows of its COPY blocks). It returns a
   :class:`Plan` naming where each piece is. Member names come from the manifest and pass
   :func:`safe_relative`, so no path of a hostile archive ever names a place outside the target.
 """
@@ -39,6 +43,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from mlflowstack import pgstore
 from mlflowstack.files import BundleError
 from mlflowstack.volumeagent import AgentError, row_counts, safe_relative
 
@@ -116,6 +121,13 @@ def validate_manifest(manifest) -> dict:
     _check(isinstance(database, dict), "database missing")
     _check(_is_int(database.get("size")), "database size")
     _check(_text(database.get("sha256"), _HEX64), "database sha256")
+    kind = database.get("kind", pgstore.SQLITE)
+    member = {pgstore.SQLITE: DATABASE, pgstore.POSTGRES: pgstore.DUMP_MEMBER}.get(kind)
+    _check(member is not None, "unknown database kind")
+    _check(database.get("member", DATABASE) == member, "database member")
+    if kind == pgstore.POSTGRES:
+        _check(database.get("format") == pgstore.DUMP_FORMAT, "database dump format")
+        _check(_is_int(database.get("postgres_major")), "database postgres_major")
     counts = database.get("row_counts")
     _check(isinstance(counts, dict), "row counts missing")
     _check(all(isinstance(k, str) and _is_int(v) for k, v in counts.items()), "row counts")
@@ -183,7 +195,8 @@ def build_manifest(
         "project": project,
         "bundle_version": bundle_version,
         "mlflow_version": listing["mlflow_version"],
-        "database": {"member": DATABASE, **listing["database"]},
+        # The listing's, or the PostgreSQL dump's entry (its own kind and member).
+        "database": {"kind": pgstore.SQLITE, "member": DATABASE, **listing["database"]},
         "artifacts": artifacts,
         "skipped": listing.get("skipped", []),
         "files": files,
@@ -325,8 +338,9 @@ def verify_backup(path: Path) -> Plan:
     directory = path.parent
     by_archive: dict[str, dict[str, tuple[int, str]]] = {path.name: {}}
     ids = {path.name: manifest["backup_id"]}
-    database = Piece(path, DATABASE, manifest["database"]["size"], manifest["database"]["sha256"])
-    by_archive[path.name][DATABASE] = (database.size, database.sha256)
+    entry = manifest["database"]
+    database = Piece(path, entry.get("member", DATABASE), entry["size"], entry["sha256"])
+    by_archive[path.name][database.member] = (database.size, database.sha256)
     files = {}
     for entry in manifest["files"]:
         files[entry["member"]] = Piece(path, entry["member"], entry["size"], entry["sha256"])
@@ -360,7 +374,17 @@ def _beside(directory: Path, name: str) -> Path:
 
 
 def _check_database(path: Path, expected: dict) -> None:
-    """SQLite's integrity check and the manifest's row counts, on a private copy."""
+    """SQLite's integrity check and the manifest's row counts, on a private copy; for a
+    PostgreSQL dump, its completeness and the rows of its COPY blocks."""
+    if expected.get("kind") == pgstore.POSTGRES:
+        try:
+            with tarfile.open(path, mode="r:") as archive:
+                counts = pgstore.check_dump(archive.extractfile(expected["member"]))
+        except BundleError as error:
+            raise ArchiveError(f"{path.name}: {error}") from None
+        if counts != expected["row_counts"]:
+            raise ArchiveError(f"{path.name}: the dump's row counts differ from the manifest")
+        return
     with tempfile.TemporaryDirectory(prefix="stackctl-restore-") as temp:
         copy = Path(temp) / "check.db"
         with tarfile.open(path, mode="r:") as archive, copy.open("wb") as out:

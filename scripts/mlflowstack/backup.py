@@ -1,7 +1,9 @@
 """``stackctl backup``: one archive of the stack (archive.py), taken while it runs.
 
 Contract: the database is a snapshot by SQLite's online backup API (clients may keep writing),
-taken before the artifacts are listed, so every artifact its runs name is in the archive. The
+or with the bundled PostgreSQL a pg_dump of one snapshot with the row counts of that snapshot
+(pgstore.dump), taken before the artifacts are listed, so every artifact its runs name is in
+the archive. An external database (DATABASE_URI) is refused: it is its operator's to back up. The
 archive is written atomically, mode 0600 (it holds the stack's secrets), never over an
 existing file without ``--force``. Artifacts that the newest archive of this compose project
 in the same directory holds, or names, with the same path, size and mtime are not sent again
@@ -21,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mlflowstack import archive, commands, stackio
+from mlflowstack import archive, commands, pgstore, stackio
 from mlflowstack.files import SECRET_MODE, BundleError, open_atomic
 from mlflowstack.volumeagent import safe_relative
 
@@ -74,12 +76,16 @@ def _receive_server(out, stream, progress: stackio.Progress) -> tuple[dict, dict
             progress.update(f"backup: {count} files, {stackio.human(total)} copied")
     if listing is None:
         raise BundleError("the server agent's stream ended early")
+    if listing["database"] is None and archive.DATABASE in received:
+        raise BundleError("the server agent sent a database it did not list")
     return listing, received
 
 
 def _check_received(listing: dict, received: dict[str, str]) -> None:
     """What arrived is what the agent read (no corruption on the way)."""
-    if received.get(archive.DATABASE) != listing["database"]["sha256"]:
+    # No database from the agent: the bundled PostgreSQL's dump came another way.
+    database = listing["database"]
+    if database is not None and received.get(archive.DATABASE) != database["sha256"]:
         raise BundleError("the database snapshot arrived damaged; run the backup again")
     for entry in listing["artifacts"]:
         digest = entry["sha256"]
@@ -93,6 +99,9 @@ def backup(args) -> int:
     if path.exists() and not args.force:
         raise BundleError(f"{path} exists, not replaced (--force replaces it)")
     stackio.require_running(args)
+    store = stackio.agent_json(args, "server", "inspect-store")["store"]
+    if store not in (pgstore.SQLITE, pgstore.POSTGRES):
+        raise BundleError(pgstore.EXTERNAL_REFUSAL)
     project = stackio.project_name(args)
     previous = None if args.full else archive.find_previous(path.parent, project, exclude=path)
     known = archive.known_artifacts(previous, path.parent, replacing=path.name)
@@ -103,11 +112,18 @@ def backup(args) -> int:
         open_atomic(path, SECRET_MODE, force=args.force) as handle,
         tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as out,
     ):
+        # First, like SQLite's snapshot below: artifacts listed later include all it names.
+        dumped = None
+        if store == pgstore.POSTGRES:
+            dumped = pgstore.dump(args, out, path.parent, progress)
         with stackio.agent(args, "server", "dump-server") as server:
             server.stdin.write(json.dumps(known).encode())
             server.stdin.close()
             listing, received = _receive_server(out, server.stdout, progress)
         _check_received(listing, received)
+        if (listing["database"] is None) != (dumped is not None):
+            raise BundleError("the server's backend store changed during the backup; run it again")
+        listing["database"] = listing["database"] or dumped
         files = _copy_files(args, out)
         manifest = archive.build_manifest(
             backup_id=backup_id,
@@ -162,6 +178,7 @@ def _backup_report(path: Path, manifest: dict, previous: dict | None, seconds: f
         "artifacts_copied": len(held),
         "artifact_bytes_copied": sum(a["size"] for a in held),
         "artifact_bytes_total": sum(a["size"] for a in manifest["artifacts"]),
+        "database": manifest["database"]["kind"],
         "row_counts": manifest["database"]["row_counts"],
         "files": [f["member"] for f in manifest["files"]],
         "skipped": manifest["skipped"],

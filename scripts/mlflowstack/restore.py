@@ -8,6 +8,13 @@ and server, writes (the agent stages the database and artifacts in their volumes
 each sha256 again before it replaces anything; users and secrets are checked in memory before
 the first is written), and starts them again with ``docker compose up -d --wait --no-build``,
 also when writing failed. The archived .env goes to ``.env.from-backup``, never over ``.env``.
+
+The database goes only into a store of its own kind: a SQLite archive onto a SQLite stack, a
+PostgreSQL dump onto a stack with the bundled PostgreSQL (of its major version or newer); other
+pairs, and an external database, are refused before anything changes. A dump is loaded first,
+in one transaction that checks every table's row count before it commits (pgstore.load: a
+failure leaves the database as it was), then the artifacts; the target keeps its own
+PostgreSQL role and password.
 """
 
 import contextlib
@@ -17,7 +24,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from mlflowstack import archive, commands, stackio
+from mlflowstack import archive, commands, pgstore, stackio
 from mlflowstack.files import SECRET_MODE, BundleError, create_file
 
 SERVICES = ("nginx", "auth", "server")
@@ -84,8 +91,15 @@ def restore(args) -> int:
         progress.end()
     stackio.require_running(args)
     server = stackio.agent_json(args, "server", "inspect-server")
-    problems = target_problems(server, stackio.agent_json(args, "files", "inspect-files"))
     manifest = plan.manifest
+    kind = manifest["database"].get("kind", pgstore.SQLITE)
+    pgstore.require_same_store(kind, server.get("store", pgstore.SQLITE))
+    if kind == pgstore.POSTGRES:
+        found = pgstore.inspect(args)
+        pgstore.require_major(manifest["database"]["postgres_major"],
+                              int(found["server_version_num"]) // 10000)  # fmt: skip
+        server.update({key: found[key] for key in ("experiments", "runs", "registered_models")})
+    problems = target_problems(server, stackio.agent_json(args, "files", "inspect-files"))
     if server.get("mlflow_version") != manifest["mlflow_version"]:
         # Another MLflow may not read the database's schema (or would need a migration first).
         raise BundleError(
@@ -99,17 +113,28 @@ def restore(args) -> int:
             "or --force to replace everything in it"
         )
     server_expect = {
-        "database": plan.database.sha256,
+        "database": plan.database.sha256 if kind == pgstore.SQLITE else None,
         "artifacts": {p: piece.sha256 for p, piece in plan.artifacts.items()},
         "mtimes": {a["path"]: a["mtime_ns"] for a in manifest["artifacts"]},
         "force": bool(args.force),
     }
-    server_pieces = [plan.database, *plan.artifacts.values()]
+    server_pieces = [plan.database] if kind == pgstore.SQLITE else []
+    server_pieces += plan.artifacts.values()
     volume_files = {m: p for m, p in plan.files.items() if m != archive.ENV_MEMBER}
     started = time.monotonic()
     stackio.compose_checked(args, "stop", *SERVICES)
     try:
-        _load(args, "server-run", "load-server", server_expect, server_pieces, progress)
+        if kind == pgstore.POSTGRES:
+            pgstore.load(args, plan.database, manifest["database"]["row_counts"], progress)
+        try:
+            _load(args, "server-run", "load-server", server_expect, server_pieces, progress)
+        except BundleError as error:
+            if kind == pgstore.SQLITE:
+                raise
+            raise BundleError(
+                f"the database was restored, the artifacts, users and secrets were not "
+                f"({error}); fix that, then restore --force again"
+            ) from None
         files_expect = {"files": {m: p.sha256 for m, p in volume_files.items()}}
         try:
             _load(args, "files", "load-files", files_expect, list(volume_files.values()), progress)
@@ -128,6 +153,7 @@ def restore(args) -> int:
         "backup_id": manifest["backup_id"],
         "created": manifest["created"],
         "mlflow_version": manifest["mlflow_version"],
+        "database": kind,
         "archives_used": [str(p) for p in plan.archives],
         "row_counts": counts,
         "artifacts": len(plan.artifacts),

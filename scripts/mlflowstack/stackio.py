@@ -1,7 +1,8 @@
 """The host's way into the stack's volumes, shared by ``backup``, ``restore`` and ``gc``.
 
 The data stays in the volumes and crosses as tar streams on stdin/stdout of ``python -c``
-running :mod:`mlflowstack.volumeagent` in the stack's own images: ``docker compose exec server``
+running :mod:`mlflowstack.volumeagent` in the stack's own images (psql and pg_dump in the
+bundled PostgreSQL's: :mod:`mlflowstack.pgstore`): ``docker compose exec server``
 for the database snapshot and the artifacts while the stack runs, ``docker compose run server``
 (``--pull never``: never a build, whose output would land on stdout) while it is stopped, and
 ``docker compose run stackctl`` (the auth image) for the users and secrets. Nothing is written
@@ -62,7 +63,11 @@ def _agent_command(args, place: str, words: tuple[str, ...], script: Path) -> li
     """``python -c SCRIPT WORDS...`` where ``place`` says: ``server``, the running server
     (``exec``); ``server-run``, a one-off container of the server's image with its volumes
     (the server stopped; ``--pull never``, as the service's ``pull_policy: build`` would build
-    and print on stdout); ``files``, the auth image's stackctl service (users, secrets)."""
+    and print on stdout); ``files``, the auth image's stackctl service (users, secrets);
+    ``postgres``, the running bundled PostgreSQL, where ``words`` are the command itself (its
+    image has no Python: pgstore.py)."""
+    if place == "postgres":
+        return commands.compose_command(args, "exec", "-T", "postgres", *words)
     if place == "server":
         where = ["exec", "-T", "server", "python"]
     elif place == "server-run":

@@ -19,7 +19,11 @@ A failure at 4-6 rolls back (:func:`rollback`): the ``pre-upgrade`` images get t
 after 5 or 6 the server is stopped and, only if the new server began to migrate the database
 (it made its copy, or the revision moved), the database is put back: from that copy
 (``pre-upgrade/`` in the db volume: the last state the old server wrote, writes made during the
-build included), else from the archive of step 3 (the database alone). Artifacts,
+build included), else from the archive of step 3 (the database alone). With the bundled
+PostgreSQL there is no such copy (the migrate service upgrades it, in one transaction): a moved
+revision puts the archive's dump back (pgstore.load), an unmoved one keeps the database; its
+room is checked on the host only (the dump passes through a file beside the archive). An
+external database (DATABASE_URI) is refused at the preflight. Artifacts,
 users and secrets are never rolled back: a migration does not touch them, so restoring them
 would only lose what was written meanwhile. Then ``up -d --wait --no-build`` and the health
 check again, and the command fails with one line saying what failed and that it rolled back
@@ -42,7 +46,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from mlflowstack import archive, commands, stackio, upgradeagent
+from mlflowstack import archive, commands, pgstore, stackio, upgradeagent
 from mlflowstack.audit import printable
 from mlflowstack.files import BundleError
 
@@ -186,14 +190,18 @@ def wait_healthy(ctx: Context, url: str, seconds: float) -> None:
 def disk_problem(free_host: int, volumes: dict, previous_bytes: int) -> str | None:
     """Why there is not room enough (None: there is). The backup needs the database and the
     artifacts an earlier archive in its directory does not hold; the db volume needs the
-    backup's snapshot and the server's pre-upgrade copy, each the database's size."""
-    needed = volumes["db_bytes"] + max(0, volumes["artifact_bytes"] - previous_bytes) + SLACK
+    backup's snapshot and the server's pre-upgrade copy, each the database's size. The bundled
+    PostgreSQL's dump (about its database's size, counted high: indexes are not dumped) passes
+    through a file beside the archive, so twice; its volume needs no copy."""
+    postgres = volumes.get("store") == pgstore.POSTGRES
+    database = volumes["db_bytes"] * (2 if postgres else 1)
+    needed = database + max(0, volumes["artifact_bytes"] - previous_bytes) + SLACK
     if free_host < needed:
         return (
             f"the backup needs about {stackio.human(needed)}, its directory has "
             f"{stackio.human(free_host)} free"
         )
-    if volumes["db_free"] < 2 * volumes["db_bytes"]:
+    if not postgres and volumes["db_free"] < 2 * volumes["db_bytes"]:
         return (
             f"the database volume has {stackio.human(volumes['db_free'])} free; its snapshot "
             f"and pre-upgrade copy need {stackio.human(2 * volumes['db_bytes'])}"
@@ -213,6 +221,21 @@ def agent(ctx: Context, running: bool, *words: str) -> dict:
     return stackio.answer(stdout.encode())
 
 
+def inspect_database(ctx: Context, running: bool) -> dict:
+    """upgradeagent's inspect, with the bundled PostgreSQL's revision and size from psql in its
+    container (which runs whether the server does or not); an external database refused."""
+    found = agent(ctx, running)
+    store = found.get("store", pgstore.SQLITE)
+    if store == pgstore.EXTERNAL:
+        raise BundleError(pgstore.EXTERNAL_REFUSAL)
+    if store == pgstore.POSTGRES:
+        stdout = ctx.compose_ok("exec", "-T", "postgres", *pgstore.PSQL, "-At", "-c",
+                                pgstore.INSPECT_SQL)  # fmt: skip
+        database = stackio.answer(stdout.encode())
+        found.update(revision=database["revision"], db_bytes=database["database_bytes"])
+    return found
+
+
 def preflight(ctx: Context, backup_path: Path) -> Before:
     """Step 1 (reads only): the stack is healthy and there is room; what the rollback needs."""
     project, images = stack_images(ctx)
@@ -221,7 +244,7 @@ def preflight(ctx: Context, backup_path: Path) -> Before:
     problem = unhealthy(ctx, url)
     if problem:
         raise BundleError(f"the stack is not healthy ({problem}): fix that first")
-    volumes = agent(ctx, True)
+    volumes = inspect_database(ctx, True)
     previous = archive.find_previous(backup_path.parent, project)
     previous_bytes = sum(a["size"] for a in previous["artifacts"]) if previous else 0
     existing = next(p for p in (backup_path.parent, *backup_path.parent.parents) if p.exists())
@@ -264,13 +287,16 @@ def restore_database(ctx: Context, before: Before, backup_path: Path | None) -> 
     """With the server stopped: put the database back if the new server began to migrate it;
     what was done, as a phrase. A copy of the old revision made since the preflight says it
     began (server/schema.py copies first), even if a failed migration left the revision as it
-    was; without one, a moved revision says so, and the archive's database goes back."""
-    now = agent(ctx, False)
+    was; without one (always with PostgreSQL), a moved revision says so, and the archive's
+    database goes back."""
+    now = inspect_database(ctx, False)
     old = before.volumes["revision"]
     copies = [
         name
         for name in now["copies"]
-        if name not in before.volumes["copies"]
+        # The server copies a SQLite file only; any copy beside PostgreSQL is an older one's.
+        if now.get("store", pgstore.SQLITE) == pgstore.SQLITE
+        and name not in before.volumes["copies"]
         and upgradeagent.COPY_NAME.fullmatch(name)
         and name.startswith(f"pre-upgrade-{old}-")
     ]
@@ -368,7 +394,7 @@ def upgrade(args, ctx: Context | None = None) -> int:
             f"upgrade failed at {step} ({error}); rolled back: {note}; the stack is healthy "
             f"(backup: {backup_path})"
         ) from None
-    after = agent(ctx, True)
+    after = inspect_database(ctx, True)
     report = {
         "backup": str(backup_path),
         "images_before": {s: before.image_ids[s] for s in SERVICES},
@@ -400,6 +426,10 @@ def default_context(args) -> Context:
 
     def load_database(args, path: Path) -> None:
         plan = archive.verify_backup(path)
+        if plan.manifest["database"].get("kind") == pgstore.POSTGRES:
+            counts = plan.manifest["database"]["row_counts"]
+            pgstore.load(args, plan.database, counts, stackio.Progress(False))
+            return
         expect = {"database": plan.database.sha256, "artifacts": {}, "database_only": True}
         progress = stackio.Progress(False)
         restore._load(args, "server-run", "load-server", expect, [plan.database], progress)

@@ -5,8 +5,11 @@ server image has none of our code). stdout: one JSON line; stderr: one line on f
 Modes:
 
 - ``inspect``: the database's schema revision (null: no MLflow tables yet), the database's
-  bytes (with its WAL), the artifacts' bytes, the free bytes of the database's volume, and the
-  names of the server's pre-upgrade copies (server/schema.py writes them to ``pre-upgrade/``).
+  bytes (with its WAL), the artifacts' bytes, the free bytes of the database's volume, the
+  names of the server's pre-upgrade copies (server/schema.py writes them to ``pre-upgrade/``),
+  and the backend ``store`` the server's settings name ("sqlite", "postgresql" for the bundled
+  one, "external"); for any but SQLite the revision is null and the bytes 0 (the host asks
+  PostgreSQL: mlflowstack/pgstore.py), as the file here is not the server's database.
 - ``put-back NAME``: with the server stopped, replace the database by the pre-upgrade copy
   NAME: checked by SQLite's integrity check, copied by its backup API to a temporary name in
   the same directory (mode 0600), the old database's WAL files removed (they belong to it),
@@ -41,6 +44,14 @@ def revision() -> str | None:
         connection.close()
 
 
+def store_kind(environ=os.environ) -> str:
+    """volumeagent.store_kind, written out: this script is sent alone."""
+    profiles = {name.strip() for name in environ.get("COMPOSE_PROFILES", "").split(",")}
+    if environ.get("DATABASE_URI", "").strip():
+        return "external"
+    return "postgresql" if "postgres" in profiles else "sqlite"
+
+
 def _size(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else 0
 
@@ -53,9 +64,11 @@ def inspect() -> dict:
             if not os.path.islink(path):
                 stored += _size(path)
     disk = os.statvfs(os.path.dirname(DB))
+    sqlite = store_kind() == "sqlite"
     return {
-        "revision": revision(),
-        "db_bytes": _size(DB) + _size(DB + "-wal"),
+        "store": store_kind(),
+        "revision": revision() if sqlite else None,
+        "db_bytes": _size(DB) + _size(DB + "-wal") if sqlite else 0,
         "artifact_bytes": stored,
         "db_free": disk.f_bavail * disk.f_frsize,
         "copies": sorted(os.listdir(COPIES)) if os.path.isdir(COPIES) else [],

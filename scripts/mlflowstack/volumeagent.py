@@ -12,16 +12,25 @@ Modes (``MODE`` is the first argument; stdout carries the answer, stderr one lin
   online backup API, never a copy of the live file), then ``artifacts/PATH`` for every artifact
   not in that map with the same size and mtime, then ``listing.json`` (MLflow's version, the
   snapshot's row counts and sha256, every artifact with size, mtime and sha256; null when it
-  was not read, the host takes it from the previous manifest).
+  was not read, the host takes it from the previous manifest). With the bundled PostgreSQL
+  there is no ``db/mlflow.db`` and the listing's database is null: the host dumps that
+  database itself, before this runs (mlflowstack/pgstore.py).
 - ``load-server``: stdin holds a tar stream: ``expect.json`` (``{"database": sha256,
   "artifacts": {path: sha256}, "mtimes": {path: mtime_ns}, "force": bool, "database_only":
   bool}``), then the members it names (``database_only``: the database alone, the artifacts
-  left as they are; ``stackctl upgrade``'s rollback). Everything is
+  left as they are; ``stackctl upgrade``'s rollback; ``database`` null: the artifacts alone,
+  which is all it takes with the bundled PostgreSQL, and only then). Everything is
   written into staging places inside the volumes and checked against its sha256; only when all
   arrived intact does it replace the database and move the artifacts in. The server must be
   stopped (the host does that).
 - ``inspect-server``: JSON of what the target holds (experiments besides Default, runs,
-  registered models, artifact files), for restore's "is it empty" check.
+  registered models, artifact files), for restore's "is it empty" check, and its ``store``
+  (the database counts only for SQLite; the host asks PostgreSQL itself).
+- ``inspect-store``: ``{"store": "sqlite" | "postgresql" | "external"}``, the backend store
+  the server's settings name (:func:`store_kind`).
+
+The ``-server`` modes refuse an external database (``DATABASE_URI``): it is the operator's to
+back up.
 - ``dump-files`` / ``load-files`` / ``inspect-files``: the same for the users, secrets and
   server-secrets directories (members ``users/NAME``, ``secrets/NAME``, ``server-secrets/NAME``),
   in the auth image, whose ``mlflowstack`` these modes use: the users store reads the users
@@ -172,21 +181,7 @@ def dump_server(stdin, stdout) -> None:
 
     listing = {"mlflow_version": metadata.version("mlflow"), "artifacts": [], "skipped": []}
     with tarfile.open(fileobj=stdout, mode="w|", format=tarfile.PAX_FORMAT) as out:
-        # The snapshot goes into the database's own volume (the root file system may be
-        # read-only and /tmp small), and is removed once streamed.
-        fd, snapshot = tempfile.mkstemp(dir=os.path.dirname(DB_PATH), prefix=OURS, suffix=".db")
-        os.close(fd)
-        try:
-            source = sqlite3.connect(f"file:{DB_PATH}?mode=ro", uri=True)
-            target = sqlite3.connect(snapshot)
-            with contextlib.closing(source), contextlib.closing(target):
-                # One step: a consistent copy as of one moment, while writers go on (WAL).
-                source.backup(target)
-                counts = row_counts(target)
-            size, digest = _add(out, "db/mlflow.db", snapshot)
-        finally:
-            os.unlink(snapshot)
-        listing["database"] = {"size": size, "sha256": digest, "row_counts": counts}
+        listing["database"] = _dump_sqlite(out) if store_kind() == "sqlite" else None
         # After the snapshot: every artifact its runs name exists by now.
         for path, info in walk_artifacts(ARTIFACTS):
             if not stat.S_ISREG(info.st_mode):
@@ -204,6 +199,25 @@ def dump_server(stdin, stdout) -> None:
                     continue  # deleted since it was listed (nothing of it went into the stream)
             listing["artifacts"].append(entry)
         _add_bytes(out, "listing.json", json.dumps(listing).encode())
+
+
+def _dump_sqlite(out: tarfile.TarFile) -> dict:
+    """The SQLite snapshot as ``db/mlflow.db`` of ``out``; its listing entry."""
+    # The snapshot goes into the database's own volume (the root file system may be read-only
+    # and /tmp small), and is removed once streamed.
+    fd, snapshot = tempfile.mkstemp(dir=os.path.dirname(DB_PATH), prefix=OURS, suffix=".db")
+    os.close(fd)
+    try:
+        source = sqlite3.connect(f"file:{DB_PATH}?mode=ro", uri=True)
+        target = sqlite3.connect(snapshot)
+        with contextlib.closing(source), contextlib.closing(target):
+            # One step: a consistent copy as of one moment, while writers go on (WAL).
+            source.backup(target)
+            counts = row_counts(target)
+        size, digest = _add(out, "db/mlflow.db", snapshot)
+    finally:
+        os.unlink(snapshot)
+    return {"size": size, "sha256": digest, "row_counts": counts}
 
 
 def _receive(archive: tarfile.TarFile, expected: dict[str, str], place) -> None:
@@ -249,7 +263,11 @@ def _read_expect(stream) -> tuple[dict, tarfile.TarFile]:
 
 def load_server(stdin, stdout) -> None:
     expect, archive = _read_expect(stdin)
-    expected = {"db/mlflow.db": expect["database"]}
+    sqlite = expect["database"] is not None
+    if sqlite != (store_kind() == "sqlite"):
+        # The host checked the kinds; a stack switched since must not get the wrong database.
+        raise AgentError("the archive's database is not of this stack's backend store")
+    expected = {"db/mlflow.db": expect["database"]} if sqlite else {}
     for path, digest in expect["artifacts"].items():
         expected["artifacts/" + safe_relative(path)] = digest
     for directory in (os.path.dirname(DB_PATH), ARTIFACTS):
@@ -271,7 +289,12 @@ def load_server(stdin, stdout) -> None:
         for path, mtime_ns in expect.get("mtimes", {}).items():
             if type(mtime_ns) is int and "artifacts/" + path in expected:
                 os.utime(os.path.join(staging, path), ns=(mtime_ns, mtime_ns))
-        _swap_in(staging, db_stage, bool(expect.get("force")), bool(expect.get("database_only")))
+        _swap_in(
+            staging,
+            db_stage if sqlite else None,
+            bool(expect.get("force")),
+            bool(expect.get("database_only")),
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
@@ -279,8 +302,9 @@ def load_server(stdin, stdout) -> None:
     stdout.write(json.dumps({"artifacts": len(expect["artifacts"])}).encode())
 
 
-def _swap_in(staging: str, db_stage: str, force: bool, database_only: bool = False) -> None:
-    """Everything arrived intact: replace the database, then move the artifacts in."""
+def _swap_in(staging: str, db_stage: str | None, force: bool, database_only: bool = False) -> None:
+    """Everything arrived intact: replace the database (``db_stage``: none with PostgreSQL),
+    then move the artifacts in."""
     existing = [n for n in os.listdir(ARTIFACTS) if not n.startswith(OURS) and not database_only]
     if existing and not force:
         raise AgentError("the artifact store is not empty (restore --force replaces it)")
@@ -290,11 +314,12 @@ def _swap_in(staging: str, db_stage: str, force: bool, database_only: bool = Fal
             shutil.rmtree(path)
         else:
             os.unlink(path)
-    # The live database's WAL files belong to the old database: they go with it.
-    for suffix in ("-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(DB_PATH + suffix)
-    os.replace(db_stage, DB_PATH)
+    if db_stage is not None:
+        # The live database's WAL files belong to the old database: they go with it.
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(DB_PATH + suffix)
+        os.replace(db_stage, DB_PATH)
     for name in os.listdir(staging):
         os.rename(os.path.join(staging, name), os.path.join(ARTIFACTS, name))
 
@@ -302,12 +327,13 @@ def _swap_in(staging: str, db_stage: str, force: bool, database_only: bool = Fal
 def inspect_server(stdin, stdout) -> None:
     from importlib import metadata
 
-    answer = {"mlflow_version": metadata.version("mlflow")}
-    with contextlib.closing(sqlite3.connect(f"file:{DB_PATH}?mode=ro", uri=True)) as db:
-        one = lambda sql: db.execute(sql).fetchone()[0]  # noqa: E731
-        answer["experiments"] = one("SELECT COUNT(*) FROM experiments WHERE experiment_id != 0")
-        answer["runs"] = one("SELECT COUNT(*) FROM runs")
-        answer["registered_models"] = one("SELECT COUNT(*) FROM registered_models")
+    answer = {"mlflow_version": metadata.version("mlflow"), "store": store_kind()}
+    if answer["store"] == "sqlite":
+        with contextlib.closing(sqlite3.connect(f"file:{DB_PATH}?mode=ro", uri=True)) as db:
+            one = lambda sql: db.execute(sql).fetchone()[0]  # noqa: E731
+            answer["experiments"] = one("SELECT COUNT(*) FROM experiments WHERE experiment_id != 0")
+            answer["runs"] = one("SELECT COUNT(*) FROM runs")
+            answer["registered_models"] = one("SELECT COUNT(*) FROM registered_models")
     answer["artifacts"] = sum(1 for _ in walk_artifacts(ARTIFACTS))
     stdout.write(json.dumps(answer).encode())
 
@@ -397,7 +423,12 @@ def inspect_files(stdin, stdout) -> None:
     stdout.write(json.dumps({"users": users, "tokens": tokens}).encode())
 
 
+def inspect_store(stdin, stdout) -> None:
+    stdout.write(json.dumps({"store": store_kind()}).encode())
+
+
 MODES = {
+    "inspect-store": inspect_store,
     "dump-server": dump_server,
     "load-server": load_server,
     "inspect-server": inspect_server,
@@ -407,15 +438,24 @@ MODES = {
 }
 
 
-def sqlite_store_only(environ=os.environ) -> None:
-    """Refuse the server's modes when its backend store is not the SQLite file: compose hands
-    the server's container the postgres profile and DATABASE_URI (README, "PostgreSQL"), and a
-    backup of the (empty or stale) file would hold none of that database's runs."""
+def store_kind(environ=os.environ) -> str:
+    """The backend store the server's settings name, by server/backendstore.py's rules (compose
+    hands the server's container the profiles and DATABASE_URI): "external" (DATABASE_URI),
+    "postgresql" (the postgres profile: the bundled database) or "sqlite" (the file here).
+    mlflowstack.pgstore.kind_from_settings, written out: this script runs without it."""
     profiles = {name.strip() for name in environ.get("COMPOSE_PROFILES", "").split(",")}
-    if environ.get("DATABASE_URI", "").strip() or "postgres" in profiles:
+    if environ.get("DATABASE_URI", "").strip():
+        return "external"
+    return "postgresql" if "postgres" in profiles else "sqlite"
+
+
+def no_external_store(environ=os.environ) -> None:
+    """Refuse the server's modes for an external database: its backup is its operator's (a
+    backup of the unused SQLite file would hold none of its runs)."""
+    if store_kind(environ) == "external":
         raise AgentError(
-            "the backend store is PostgreSQL: backup, restore and upgrade cover the SQLite "
-            "file only; back the database up with pg_dump (README, 'PostgreSQL')"
+            "the backend store is an external database (DATABASE_URI): back it up with its "
+            "own tools; stackctl covers SQLite and the bundled PostgreSQL (README, 'PostgreSQL')"
         )
 
 
@@ -425,7 +465,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         if argv[0].endswith("-server"):
-            sqlite_store_only()
+            no_external_store()
         MODES[argv[0]](sys.stdin.buffer, sys.stdout.buffer)
     except Exception as error:  # one line for the host, whatever failed
         message = " ".join(str(error).split())[:300] or type(error).__name__

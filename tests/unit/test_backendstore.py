@@ -11,7 +11,7 @@ import pytest
 import schema
 import sqlalchemy
 import start
-from mlflowstack import stacksecrets, volumeagent
+from mlflowstack import pgstore, stacksecrets, upgradeagent, volumeagent
 
 SQLITE_DEFAULT = "sqlite:////var/lib/mlflow/db/mlflow.db"
 
@@ -213,23 +213,31 @@ def test_start_main_postgres_profile_password_only_in_process_environment(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "environ",
-    [{"COMPOSE_PROFILES": "serve,postgres"}, {"DATABASE_URI": "postgresql://ml@db/mlflow"}],
+    ("environ", "kind"),
+    [
+        ({"COMPOSE_PROFILES": "serve,postgres"}, "postgresql"),
+        ({"COMPOSE_PROFILES": "postgres", "DATABASE_URI": "postgresql://ml@db/mlflow"}, "external"),
+        ({"COMPOSE_PROFILES": "serve", "DATABASE_URI": " "}, "sqlite"),
+        ({}, "sqlite"),
+    ],
 )
-def test_sqlite_store_only_postgres_store_refuses_backup(environ):
-    with pytest.raises(volumeagent.AgentError, match="pg_dump"):
-        volumeagent.sqlite_store_only(environ)
+def test_store_kind_settings_named_as_backendstore_reads_them(environ, kind):
+    assert volumeagent.store_kind(environ) == kind
+    assert upgradeagent.store_kind(environ) == kind
+    assert pgstore.kind_from_settings(environ) == kind
 
 
-def test_sqlite_store_only_sqlite_store_passes():
-    volumeagent.sqlite_store_only({"COMPOSE_PROFILES": "serve", "DATABASE_URI": ""})
+def test_no_external_store_external_database_refused_bundled_passes():
+    with pytest.raises(volumeagent.AgentError, match="back it up with its own tools"):
+        volumeagent.no_external_store({"DATABASE_URI": "postgresql://ml@db/mlflow"})
+    volumeagent.no_external_store({"COMPOSE_PROFILES": "postgres"})
 
 
-def test_volumeagent_main_server_mode_with_postgres_exits_1(monkeypatch, capsys):
-    monkeypatch.setenv("COMPOSE_PROFILES", "postgres")
+def test_volumeagent_main_server_mode_with_external_database_exits_1(monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URI", "postgresql://ml@db.example/mlflow")
     monkeypatch.setitem(volumeagent.MODES, "dump-server", lambda *_: pytest.fail("dumped"))
     assert volumeagent.main(["dump-server"]) == 1
-    assert "PostgreSQL" in capsys.readouterr().err
+    assert "external database (DATABASE_URI)" in capsys.readouterr().err
 
 
 CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
