@@ -16,7 +16,6 @@ import uuid
 import pytest
 import test_postgres
 import test_upgrade
-from conftest import SecondStack
 from mlflow import MlflowClient
 
 WRITE_OLDER_DATA = test_upgrade.WRITE_OLDER_DATA.replace(
@@ -26,18 +25,11 @@ WRITE_OLDER_DATA = test_upgrade.WRITE_OLDER_DATA.replace(
 )
 
 
-class UpgradingPostgresStack(test_postgres.PostgresStack):
-    """test_postgres's PostgreSQL stack under a project name of its own."""
-
-    def __init__(self):
-        SecondStack.__init__(self, "pgup", env={"COMPOSE_PROFILES": "postgres"})
-
-
 @pytest.fixture(scope="module")
 def upgraded(stack):
     assert "sqlite" not in WRITE_OLDER_DATA
     site = next((test_upgrade._older_python().parents[1] / "lib").glob("python3*/site-packages"))
-    with UpgradingPostgresStack() as second:
+    with test_postgres.PostgresStack("pgup") as second:
         head = second.psql("SELECT version_num FROM alembic_version")
         second.compose("stop", "server")
         second.psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
