@@ -18,6 +18,7 @@ import io
 import json
 import re
 import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -99,9 +100,18 @@ def backup(args) -> int:
     if path.exists() and not args.force:
         raise BundleError(f"{path} exists, not replaced (--force replaces it)")
     stackio.require_running(args)
-    store = stackio.agent_json(args, "server", "inspect-store")["store"]
+    stores = stackio.agent_json(args, "server", "inspect-store")
+    store = stores["store"]
     if store not in (pgstore.SQLITE, pgstore.POSTGRES):
         raise BundleError(pgstore.EXTERNAL_REFUSAL)
+    artifact_store = stores.get("artifacts", "volume")
+    if artifact_store != "volume":
+        # Said before the work, and whatever --quiet says: the archive is not the whole stack.
+        print(
+            f"backup: warning: the artifacts are in {artifact_store[:200]}, not in the volume: "
+            "this archive holds none of them; back the bucket up with its own tools",
+            file=sys.stderr,
+        )
     project = stackio.project_name(args)
     previous = None if args.full else archive.find_previous(path.parent, project, exclude=path)
     known = archive.known_artifacts(previous, path.parent, replacing=path.name)

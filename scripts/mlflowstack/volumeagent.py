@@ -26,7 +26,8 @@ Modes (``MODE`` is the first argument; stdout carries the answer, stderr one lin
 - ``inspect-server``: JSON of what the target holds (experiments besides Default, runs,
   registered models, artifact files), for restore's "is it empty" check, and its ``store``
   (the database counts only for SQLite; the host asks PostgreSQL itself).
-- ``inspect-store``: ``{"store": "sqlite" | "postgresql" | "external"}``, the backend store
+- ``inspect-store``: ``{"store": "sqlite" | "postgresql" | "external", "artifacts": "volume" |
+  URI}``, the backend store
   the server's settings name (:func:`store_kind`).
 
 The ``-server`` modes refuse an external database (``DATABASE_URI``): it is the operator's to
@@ -424,7 +425,9 @@ def inspect_files(stdin, stdout) -> None:
 
 
 def inspect_store(stdin, stdout) -> None:
-    stdout.write(json.dumps({"store": store_kind()}).encode())
+    # "artifacts": the object store of ARTIFACTS_DESTINATION, or "volume" (server/artifactstore.py).
+    artifacts = os.environ.get("ARTIFACTS_DESTINATION", "").strip() or "volume"
+    stdout.write(json.dumps({"store": store_kind(), "artifacts": artifacts}).encode())
 
 
 MODES = {

@@ -148,6 +148,20 @@ def test_stackctl_gc_deletes_a_deleted_runs_objects_only(store, client, tmp_path
     assert f"{doomed.info.run_id}" not in keys
 
 
+def test_stackctl_backup_warns_artifacts_not_in_archive(store, tmp_path):
+    result = subprocess.run(
+        ["python3", str(ROOT / "scripts/stackctl"), "backup", "--output", str(tmp_path),
+         "--quiet"],
+        capture_output=True, text=True, env=store.env, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"backup: warning: the artifacts are in s3://{BUCKET}/mlflow, not in the volume: this "
+        "archive holds none of them; back the bucket up with its own tools"
+    ]
+    assert len(list(tmp_path.glob("mlflow-backup-*.tar"))) == 1
+
+
 def test_server_without_sdk_refuses_object_store_with_one_line(stack):
     """The session's server image has no boto3: the start stops with the package to add."""
     result = subprocess.run(
