@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import requests
 from conftest import SecondStack
 from mlflow import MlflowClient
+from walkthrough import tracking_env, train_two_and_promote
 
 PREFIX = "/mlflow"
 PRIVATE = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
@@ -289,3 +291,29 @@ def test_serving_and_traces_under_prefix(prefixed):
         headers={"Content-Type": "application/x-protobuf", **viewer},
     )
     assert refused.status_code == 403
+
+
+def test_served_model_fetched_and_answering_under_prefix(prefixed):
+    """The serve profile under the prefix: the serving container fetches its model through
+    nginx at http://nginx:8080/mlflow (compose.yaml) and answers predictions behind the login
+    there. Last in this module: it restarts the stack with SERVE_MODELS set."""
+    env = tracking_env(prefixed.url + PREFIX, *prefixed.admin_auth)
+    name = f"iris-prefixed-{uuid.uuid4().hex[:6]}"
+    train_two_and_promote(env, model_name=name)
+    prefixed.env["SERVE_MODELS"] = f"{name}@production"
+    prefixed.compose("--profile", "serve", "up", "-d", "--wait", "--no-build")
+    rows = {"dataframe_split": {"columns": ["sepal length (cm)", "sepal width (cm)",
+                                           "petal length (cm)", "petal width (cm)"],
+                                "data": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}}  # fmt: skip
+    url = f"{prefixed.url}{PREFIX}/serving/{name}/invocations"
+    deadline = time.monotonic() + 240
+    while True:
+        answer = requests.post(url, json=rows, headers=_bearer(prefixed, "viewer"), timeout=30)
+        if answer.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert answer.status_code == 200, (answer.status_code, answer.text[:300])
+    assert len(answer.json()["predictions"]) == 2
+    assert requests.post(url, json=rows, timeout=30).status_code == 401
+    # At the root, outside the prefix, the same route is nginx's 404 before any login.
+    assert requests.post(f"{prefixed.url}/serving/{name}/invocations", json=rows).status_code == 404
