@@ -272,12 +272,13 @@ trusted_proxy_ok() {
         for octet in $(printf '%s' "$address" | tr '.' ' '); do
             [ "$octet" -le 255 ] || return 1
         done
-        [ -z "$bits" ] || [ "$bits" -le 32 ]
+        # /8 at the widest (edgesettings.MIN_PREFIX): 0.0.0.0/0 would believe anyone.
+        [ -z "$bits" ] || { [ "$bits" -le 32 ] && [ "$bits" -ge 8 ]; }
         return
     fi
     if printf '%s\n' "$1" | grep -Eq '^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?$'; then
         bits=${1#*/}
-        [ "$bits" = "$1" ] || [ "$bits" -le 128 ]
+        [ "$bits" = "$1" ] || { [ "$bits" -le 128 ] && [ "$bits" -ge 8 ]; }
         return
     fi
     return 1

@@ -42,6 +42,10 @@ def public_path_problem(value: str) -> str | None:
     return None
 
 
+# A proxy network wider than these would believe X-Forwarded-For from anyone (0.0.0.0/0).
+MIN_PREFIX = {4: 8, 6: 8}
+
+
 def trusted_proxies(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """The networks of TRUSTED_PROXIES (comma- or space-separated addresses or CIDRs).
 
@@ -54,9 +58,16 @@ def trusted_proxies(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Ne
         if not _CIDR_SHAPE.fullmatch(entry):
             raise BundleError(f"TRUSTED_PROXIES: {shown} is not an address or CIDR (10.0.0.0/8)")
         try:
-            networks.append(ipaddress.ip_network(entry, strict=True))
+            network = ipaddress.ip_network(entry, strict=True)
         except ValueError as error:
             raise BundleError(f"TRUSTED_PROXIES: {shown}: {error}") from None
+        if network.prefixlen < MIN_PREFIX[network.version]:
+            raise BundleError(
+                f"TRUSTED_PROXIES: {shown} trusts too much of the Internet (shortest: "
+                f"/{MIN_PREFIX[4]} for IPv4, /{MIN_PREFIX[6]} for IPv6): anyone could then "
+                "choose the address the login throttling sees"
+            )
+        networks.append(network)
     return networks
 
 

@@ -168,6 +168,10 @@ def copy_table(line: bytes) -> str | None:
     return table if schema == "public" else f"{schema}.{table}"
 
 
+# pg_dump 17.6+ brackets its script with these (a random key); no other backslash line.
+_RESTRICT = re.compile(rb"\\(un)?restrict [A-Za-z0-9]{1,128}")
+
+
 class DumpReader:
     """Reads a plain pg_dump script in chunks (:meth:`feed`) and counts the rows of each COPY
     block; :meth:`finish` returns them, or raises BundleError for a dump that does not start
@@ -205,6 +209,13 @@ class DumpReader:
         self._rest = data[start:]
 
     def _line(self, line: bytes) -> None:
+        if b"\\" in line and not _RESTRICT.fullmatch(line):
+            # psql runs a backslash outside quotes anywhere in a line as its own command (\!
+            # runs a shell): pg_dump writes none outside COPY data but its \restrict pair, so a
+            # dump with one was not made by pg_dump, and restore never feeds it to psql.
+            raise BundleError(
+                f"the dump holds a psql command pg_dump does not write: {line[:120]!r}"
+            )
         if not self._started:
             self._started = line == _STARTS
             return

@@ -188,3 +188,15 @@ def test_entrypoint_bad_proxy_timeout_stops_with_one_line(nginx_dir, value):
 @pytest.mark.parametrize("value", ["3600s", "90", "500ms", "2h"])
 def test_entrypoint_good_proxy_timeout_renders(nginx_dir, value):
     assert _entrypoint(nginx_dir, PROXY_TIMEOUT=value).returncode == 0
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0/0", "10.0.0.0/7", "::/0", "2000::/3", "fc00::/7"])
+def test_trusted_proxies_wider_than_a_proxy_network_refused(value):
+    with pytest.raises(BundleError, match="trusts too much of the Internet"):
+        edgesettings.trusted_proxies(value)
+
+
+@needs_envsubst
+@pytest.mark.parametrize("value", ["0.0.0.0/0", "1.0.0.0/7", "::/0", "fc00::/7"])
+def test_entrypoint_trusted_proxies_too_wide_stops(nginx_dir, value):
+    assert _entrypoint(nginx_dir, TRUSTED_PROXIES=value).returncode != 0

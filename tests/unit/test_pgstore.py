@@ -86,7 +86,7 @@ def test_dump_reader_without_closing_line_refused():
 
 def test_dump_reader_not_a_dump_refused():
     with pytest.raises(BundleError, match="not a pg_dump script"):
-        read(b"COPY public.x (a) FROM stdin;\n1\n\\.\n", 64)
+        read(b"COPY public.x (a) FROM stdin;\n1\n", 64)
 
 
 def test_dump_reader_table_twice_refused():
@@ -335,3 +335,26 @@ def test_load_bytes_differ_from_verified_sha256_no_commit_sent(stack, psql, tmp_
         pgstore.load(None, changed, COUNTS, stackio.Progress(False))
     sent = psql["sent"].read_bytes()
     assert sent.startswith(pgstore.RESTORE_BEGIN) and b"COMMIT;" not in sent
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        (b"\\restrict abc\n", b"\\! sh -c id\n\\restrict abc\n"),
+        (b"SET statement_timeout = 0;\n", b"SET statement_timeout = 0; \\! id\n"),
+        (b"--\n-- PostgreSQL database dump\n", b"\\! id\n--\n-- PostgreSQL database dump\n"),
+        (b"\\unrestrict abc\n", b"\\unrestrict abc\n\\copy x to program 'id'\n"),
+        (b"\\restrict abc\n", b"\\restrict abc; \\! id\n"),
+    ],
+)
+def test_dump_reader_psql_command_outside_copy_data_refused(hostile):
+    """A crafted archive's dump must never reach psql with a meta-command (\\! runs a shell
+    in the postgres container): the attacker review's restore of such an archive."""
+    original, replacement = hostile
+    assert original in DUMP
+    with pytest.raises(BundleError, match="psql command pg_dump does not write"):
+        read(DUMP.replace(original, replacement, 1), 64)
+
+
+def test_dump_reader_backslashes_inside_copy_data_accepted():
+    assert read(DUMP, 7) == COUNTS
