@@ -194,6 +194,9 @@ def test_target_refusal_rows_beyond_migrations_refused_with_counts():
 
 def test_command_refuses_shell_profiles_before_running_docker(monkeypatch, capsys):
     monkeypatch.setenv("COMPOSE_PROFILES", "serve")
+    # The stack tier's session sets it for every compose call (tests/stack/conftest.py), and
+    # it is refused too: this test is about the profiles.
+    monkeypatch.delenv("COMPOSE_ENV_FILES", raising=False)
 
     def no_docker(*args, **kwargs):
         raise AssertionError(f"docker ran: {args}")
