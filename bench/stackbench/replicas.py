@@ -19,7 +19,7 @@ from collections import defaultdict
 from stackbench import api
 from stackbench.load import Target, basic
 from stackbench.measure import Bench, Results, progress
-from stackbench.stack import BenchStack
+from stackbench.stack import ROOT, BenchStack
 
 REPLICAS = (1, 3)
 LEVELS = (4, 16)
@@ -31,13 +31,17 @@ def _path(replicas: int) -> str:
 
 
 def _stacks(project: str) -> dict[int, BenchStack]:
-    return {
-        count: BenchStack(
+    stacks = {}
+    for count in REPLICAS:
+        stack = BenchStack(
             project=f"{project}-r{count}",
             settings={"COMPOSE_PROFILES": "postgres", "SERVER_REPLICAS": str(count)},
         )
-        for count in REPLICAS
-    }
+        # compose.yaml alone: the bench file publishes the server's port, which replicas
+        # cannot share, and the edge is all this section measures.
+        stack.files = (ROOT / "compose.yaml",)
+        stacks[count] = stack
+    return stacks
 
 
 def _down(stack: BenchStack) -> None:
@@ -97,7 +101,7 @@ def render(results: Results, reps: int):
 
     one, three = _path(1), _path(3)
     rows, failures, ratios = [], 0, []
-    for op, conns in sorted({(op, conns) for op, conns, _ in results}, key=lambda k: k[1]):
+    for op, conns in sorted({(op, conns) for op, conns, _ in results}, key=lambda k: k[::-1]):
         single, spread = results[(op, conns, one)], results[(op, conns, three)]
         failures += sum(r.failures for r in single + spread)
         pairs = zip(spread, single, strict=False)

@@ -263,3 +263,5 @@ def test_replica_stacks_are_projects_of_their_own_on_postgres_with_free_ports(mo
         assert stack.env["SERVER_REPLICAS"] == str(count)
         assert stack.env["COMPOSE_PROJECT_NAME"] == stack.project
         assert stack.ports.edge != 20000
+        # Replicas cannot share a published port: the bench file's direct port stays out.
+        assert [path.name for path in stack.files] == ["compose.yaml"]
