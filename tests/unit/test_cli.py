@@ -349,14 +349,27 @@ def test_init_no_ca_bundle_option_leaves_example_line(project, tmp_path, monkeyp
     assert err.splitlines() == [f"init: wrote {project / '.env'} from .env.example"]
 
 
-def test_init_shell_sets_extra_ca_bundle_leaves_env_unset_and_says_so(
-    project, tmp_path, monkeypatch
-):
+def test_init_shell_sets_extra_ca_bundle_written_to_env(project, tmp_path, monkeypatch):
+    """The README's promise: step 1 records the bundle in .env, also when the shell exports
+    it (a later shell without the variable must still build)."""
+    monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    corporate = bundle(tmp_path / "corp" / "ca.pem")
+    monkeypatch.setenv("EXTRA_CA_BUNDLE", str(corporate))
+    status, _, err = init(project)
+    assert status == 0
+    assert (project / ".env").read_text() == EXAMPLE.replace(
+        EXAMPLE_LINE, f"EXTRA_CA_BUNDLE={corporate}"
+    )
+    assert "as this shell sets it" in err
+
+
+def test_init_shell_extra_ca_bundle_missing_refused_no_env(project, tmp_path, monkeypatch):
     monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
     monkeypatch.setenv("EXTRA_CA_BUNDLE", "/elsewhere/ca.pem")
     status, _, err = init(project)
-    assert status == 0 and (project / ".env").read_text() == EXAMPLE
-    assert "EXTRA_CA_BUNDLE is set in this shell" in err
+    assert status == 1 and err.count("\n") == 1
+    assert "EXTRA_CA_BUNDLE='/elsewhere/ca.pem' in this shell: no such file" in err
+    assert not (project / ".env").exists()
 
 
 def test_init_example_already_sets_bundle_keeps_it(project, tmp_path, monkeypatch):
