@@ -433,3 +433,14 @@ def test_server_healthcheck_start_period_outlasts_upgrade_timeout_slow_migration
     start_period = int(re.search(r"HEALTHCHECK .*--start-period=(\d+)s", dockerfile)[1])
     default_timeout = cli.build_parser().parse_args(["upgrade"]).timeout
     assert start_period >= 2 * default_timeout
+
+
+def test_plan_postgres_names_migrate_service_not_server_copy(tmp_path):
+    """Newcomer review: the dry run promised a server-side copy that PostgreSQL never gets."""
+    sqlite_plan = "\n".join(upgrade.plan(before(), tmp_path / "b.tar"))
+    assert "the server migrates an older schema, after a copy" in sqlite_plan
+    postgres = before()
+    postgres.volumes["store"] = upgrade.pgstore.POSTGRES
+    postgres_plan = "\n".join(upgrade.plan(postgres, tmp_path / "b.tar"))
+    assert "the migrate service upgrades an older schema" in postgres_plan
+    assert "after a copy" not in postgres_plan
