@@ -148,7 +148,9 @@ def test_bootstrap_twice_changes_nothing(users_dir, counted_passwords):
 
 def test_user_passwd_admin_removes_initial_password_file_and_says_so(users_dir, counted_passwords):
     run(users_dir, "bootstrap")
-    status, _, err = run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
+    status, _, err = run(
+        users_dir, "user", "passwd", "admin", "--password-stdin", stdin="long-password\n"
+    )
     assert status == 0 and not (users_dir / "initial-admin-password").exists()
     assert err == (
         "user admin: password changed; the initial password file was removed "
@@ -158,16 +160,32 @@ def test_user_passwd_admin_removes_initial_password_file_and_says_so(users_dir, 
 
 def test_user_passwd_admin_without_initial_password_file_claims_no_removal(users_dir):
     run(users_dir, "user", "add", "admin", "--role", "admin", "--password-stdin", stdin="pw\n")
-    status, _, err = run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
+    status, _, err = run(
+        users_dir, "user", "passwd", "admin", "--password-stdin", stdin="long-password\n"
+    )
     assert status == 0 and err == "user admin: password changed\n"
 
 
 def test_user_passwd_other_user_keeps_initial_password_file(users_dir, counted_passwords):
     run(users_dir, "bootstrap")
     run(users_dir, "user", "add", "alice", "--password-stdin", stdin="pw\n")
-    status, _, err = run(users_dir, "user", "passwd", "alice", "--password-stdin", stdin="new\n")
+    status, _, err = run(
+        users_dir, "user", "passwd", "alice", "--password-stdin", stdin="long-password\n"
+    )
     assert status == 0 and err == "user alice: password changed\n"
     assert (users_dir / "initial-admin-password").exists()
+
+
+def test_user_passwd_short_password_set_with_one_warning_line(users_dir):
+    """Newcomer review: a 1-character password passed in silence."""
+    run(users_dir, "user", "add", "alice", "--password-stdin", stdin="x\n")
+    status, _, err = run(users_dir, "user", "passwd", "alice", "--password-stdin", stdin="y\n")
+    assert status == 0
+    assert err.splitlines() == [
+        "user alice: password changed",
+        "stackctl: warning: that password is shorter than 12 characters, which resist "
+        "guessing better (or --generate one)",
+    ]
 
 
 def test_init_writes_env_once_and_keeps_it_without_force(users_dir, tmp_path, counted_passwords):
