@@ -413,9 +413,48 @@ def init(args) -> int:
                 "stack's containers, volumes and images are named after it",
                 file=sys.stderr,
             )
+    taken = project_taken_elsewhere(args)
+    if taken:
+        name, elsewhere = taken
+        raise BundleError(
+            f"the compose project {name!r} runs from {elsewhere}: this checkout would act on "
+            f"its containers and volumes; set COMPOSE_PROJECT_NAME in {env_file} to another "
+            "name, then init again (README, Two stacks on one engine)"
+        )
     if _local_store(args) is not None:
         return bootstrap(args)
     return _in_auth_image(args, ["bootstrap"])
+
+
+def project_taken_elsewhere(args) -> tuple[str, Path] | None:
+    """(project name, directory) when the compose project this checkout resolves to exists on
+    the engine from another checkout: compose names the project ``mlflow-stack`` in every
+    checkout, so a second clone without its own name would run the first one's stack. None
+    when not, or when compose or the engine cannot tell (init works without an engine)."""
+    project = _project_dir(args).resolve()
+    if not (project / "compose.yaml").is_file():
+        return None
+    try:
+        config = subprocess.run(
+            compose_command(args, "config", "--no-interpolate", "--format", "json"),
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        listed = subprocess.run(
+            ["docker", "compose", "ls", "--all", "--format", "json"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        name = json.loads(config.stdout)["name"]
+        projects = json.loads(listed.stdout or "[]")
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return None
+    for entry in projects if isinstance(projects, list) else ():
+        if not isinstance(entry, dict) or entry.get("Name") != name:
+            continue
+        files = [f for f in str(entry.get("ConfigFiles", "")).split(",") if f]
+        directories = {Path(f).parent.resolve() for f in files}
+        if directories and project not in directories:
+            return name, min(directories)
+    return None
 
 
 def project_name_setting(environ) -> str | None:

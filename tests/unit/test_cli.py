@@ -1,3 +1,4 @@
+import argparse
 import contextlib
 import io
 import itertools
@@ -598,3 +599,55 @@ def test_build_auth_image_if_missing_builds_as_auth_service_only_when_missing(
     builds = [c for c in calls if "build" in c]
     assert builds == ([["docker", "compose", "--project-directory", "/bundle", "build",
                         "--quiet", "auth"]] if built else [])  # fmt: skip
+
+
+def fake_engine(monkeypatch, name: str, listed: list[dict]):
+    """`docker compose config` resolves ``name``; `docker compose ls` lists ``listed``."""
+    import subprocess
+
+    def fake_run(command, **_):
+        out = json.dumps({"name": name}) if "config" in command else json.dumps(listed)
+        return subprocess.CompletedProcess(command, 0, out, "")
+
+    monkeypatch.setattr(commands.subprocess, "run", fake_run)
+
+
+def test_project_taken_elsewhere_other_checkout_named(project, tmp_path, monkeypatch):
+    (project / "compose.yaml").write_text("name: mlflow-stack\n")
+    other = tmp_path / "first-clone"
+    fake_engine(monkeypatch, "mlflow-stack", [
+        {"Name": "other", "ConfigFiles": str(project / "compose.yaml")},
+        {"Name": "mlflow-stack", "ConfigFiles": f"{other}/compose.yaml,{other}/compose.tls.yaml"},
+    ])  # fmt: skip
+    args = argparse.Namespace(project_dir=str(project))
+    assert commands.project_taken_elsewhere(args) == ("mlflow-stack", other.resolve())
+
+
+def test_project_taken_elsewhere_same_checkout_or_no_engine_none(project, monkeypatch):
+    (project / "compose.yaml").write_text("name: mlflow-stack\n")
+    args = argparse.Namespace(project_dir=str(project))
+    mine = [{"Name": "mlflow-stack", "ConfigFiles": str(project / "compose.yaml")}]
+    fake_engine(monkeypatch, "mlflow-stack", mine)
+    assert commands.project_taken_elsewhere(args) is None
+    fake_engine(monkeypatch, "mlflow-stack", "Cannot connect to the Docker daemon")  # type: ignore[arg-type]
+    assert commands.project_taken_elsewhere(args) is None
+
+
+def test_init_project_running_from_other_checkout_refused_after_env_no_admin(
+    project, tmp_path, monkeypatch
+):
+    """Newcomer review: a second clone without its own project name *is* the first stack."""
+    (project / "compose.yaml").write_text("name: mlflow-stack\n")
+    other = tmp_path / "first-clone"
+    fake_engine(monkeypatch, "mlflow-stack", [
+        {"Name": "mlflow-stack", "ConfigFiles": f"{other}/compose.yaml"}])  # fmt: skip
+    bootstrapped = []
+    monkeypatch.setattr(commands, "_compose", lambda *a, **k: bootstrapped.append(a) or 0)
+    status, _, err = init(project, "--no-ca-bundle")
+    assert status == 1 and bootstrapped == []
+    assert (project / ".env").exists()  # written first: the name goes into it
+    assert err.splitlines()[-1] == (
+        f"stackctl: the compose project 'mlflow-stack' runs from {other.resolve()}: this "
+        "checkout would act on its containers and volumes; set COMPOSE_PROJECT_NAME in "
+        f"{project / '.env'} to another name, then init again (README, Two stacks on one engine)"
+    )
