@@ -245,3 +245,29 @@ def test_restore_of_a_file_that_is_not_a_backup_stops_before_any_change(tmp_path
     assert result.returncode != 0
     assert "cannot be restored: " in result.stdout and "not a readable tar" in result.stdout
     assert not marker_dir.exists()
+
+
+FLAGS = (
+    "mlflow_backup_enabled",
+    "mlflow_backup_fetch_now",
+    "mlflow_backup_restore_force",
+    "mlflow_backup_restore_repeat",
+)
+
+
+def test_role_flags_read_through_bool_so_extra_var_strings_mean_what_they_say():
+    """`-e mlflow_backup_restore_force=false` is the string "false", which a bare `if` or
+    `when:` takes as true (it would force a restore), and `is boolean` refuses "true": no
+    task reads a flag bare."""
+    import re
+
+    for flag in FLAGS:
+        bare = re.compile(
+            rf"when:\s*(not\s+)?{flag}\s*$|\bif\s+(not\s+)?{flag}\s+else\b"
+            rf"|{{{{\s*{flag}\s*($|}}}}|or\b|and\b)|\b(or|and)\s+{flag}\s*($|\)|}})"
+            rf"|{flag}\s+is\s+(not\s+)?boolean",
+            re.M,
+        )
+        for path in sorted((ROLE / "tasks").glob("*.yml")):
+            found = bare.search(path.read_text())
+            assert not found, f"{path.name}: {found[0]!r} reads {flag} without | bool"
