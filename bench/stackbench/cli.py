@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stackbench import api, https, logins, measure, serving
+from stackbench import api, https, logins, measure, replicas, serving
 from stackbench.load import KINDS, SERVING_KINDS, Target, basic, wrk_binary
 from stackbench.measure import Bench, progress
 from stackbench.report import Report
@@ -26,7 +26,7 @@ GATED_CONNECTIONS = [1, 4]
 WIDE_CONNECTIONS = 16
 # The parts of a run, in their order; --only and --skip choose among them. Start-up and idle
 # memory are always measured (the stack has to start anyway).
-SECTIONS = ("matrix", "flood", "logins", "writers", "artifacts", "serving", "https")
+SECTIONS = ("matrix", "flood", "logins", "writers", "artifacts", "serving", "replicas", "https")
 SERVING_STARTS = 3  # starts of the serve profile timed to the first prediction (--quick: 1)
 # Settings from the environment that change what is measured; the report names them.
 SETTINGS = (
@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the bare server and MLflow's own basic-auth server, interleaved, on 127.0.0.1 only; "
         "then a wrong-password flood, SQLite writers, 1 GiB artifacts, predictions of a served "
         "model through the proxy vs its scoring process, the calls over HTTPS (auth vs the same "
-        "nginx without auth, both over TLS), memory and start-up. "
+        "nginx without auth, both over TLS), the calls with 1 and 3 server replicas on "
+        "PostgreSQL, memory and start-up. "
         "Needs Docker with Compose v2 and wrk (apt-get install -y wrk). Prints a table and, "
         "last, one 'GOAL <name>: ... PASS|FAIL' line per goal. Settings such as GATE_WORKERS "
         "are taken from the environment, as compose does.",
@@ -279,6 +280,11 @@ def run(stack: BenchStack, report: Report, args: argparse.Namespace, since: str)
         report.artifacts = artifacts(stack, experiment, args.artifact_mib * 2**20, rounds)
     if "serving" in wants:
         serve(stack, bench, report, args)
+    if "replicas" in wants:  # two stacks of their own beside this one, which stays idle
+        progress(f"replicas: {args.repetitions} repetitions of {args.duration} s runs")
+        report.replicas = replicas.measure(
+            stack.project, ops, args.repetitions, args.duration, build=not args.no_build
+        )
     if "https" in wants:  # last: with TLS on, plain HTTP only redirects
         progress(f"https: {args.repetitions} repetitions of {args.duration} s runs")
         report.https_restart, report.https = https.measure(

@@ -120,6 +120,8 @@ class Report:
     # The https section (stackbench/https.py): its runs, and how long nginx took to restart.
     https: Results = dataclasses.field(default_factory=dict)
     https_restart: float | None = None
+    # The replicas section (stackbench/replicas.py): 1 vs 3 server replicas on PostgreSQL.
+    replicas: Results = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     goals: list[Goal] = dataclasses.field(default_factory=list)
 
@@ -203,6 +205,7 @@ class Report:
             (self.artifacts, self._render_artifacts),
             (self.serving or self.serving_starts, self._render_serving),
             (self.https, self._render_https),
+            (self.replicas, self._render_replicas),
         ):
             if present:
                 lines += ["", *section()]
@@ -553,6 +556,13 @@ class Report:
         self.goals.append(Goal(name, measured, target, ok))
         return lines
 
+    def _render_replicas(self) -> list[str]:
+        from stackbench import replicas
+
+        lines, name, measured, target, ok = replicas.render(self.replicas, self.reps)
+        self.goals.append(Goal(name, measured, target, ok))
+        return lines
+
     def _render_footprint(self) -> list[str]:
         out = ["Idle memory (docker stats --no-stream) and start-up"]
         out += [f"  {service:<12}{_mib(size):>12}" for service, size in self.idle_memory.items()]
@@ -599,5 +609,6 @@ class Report:
                 "restart_seconds": self.https_restart,
                 "runs": _runs_json(self.https),
             },
+            "replicas": {"runs": _runs_json(self.replicas)},
             "seconds": self.seconds,
         }

@@ -86,11 +86,19 @@ class BenchStack:
 
     user = "bench"
 
-    def __init__(self, extra_files: tuple[Path, ...] = (), serve_model: str | None = None):
+    def __init__(
+        self,
+        extra_files: tuple[Path, ...] = (),
+        serve_model: str | None = None,
+        project: str | None = None,
+        settings: dict[str, str] | None = None,
+    ):
+        """``project``: a second stack beside the first (the replicas section's), on free
+        ports; ``settings``: .env settings of this stack on top of compose.yaml's defaults."""
         # Extra override files let a run try other settings (e.g. a candidate cpu_shares).
         self.files = (*COMPOSE_FILES, *extra_files)
-        self.project = os.environ.get("BENCH_PROJECT") or PROJECT
-        self.ports = pick_ports(os.environ.get("BENCH_PORT_BASE"))
+        self.project = project or os.environ.get("BENCH_PROJECT") or PROJECT
+        self.ports = pick_ports(None if project else os.environ.get("BENCH_PORT_BASE"))
         self.serve_model = serve_model  # "NAME@ALIAS", or None: no serving
         # Fresh secrets per run: nothing here may outlive the project's ``down -v``.
         self.password = secrets.token_urlsafe(18)
@@ -115,6 +123,7 @@ class BenchStack:
             "SERVE_MODELS": serve_model or "",
             "BENCH_BASICAUTH_ADMIN_PASSWORD": self.basicauth_admin_password,
             "BENCH_BASICAUTH_SECRET_KEY": secrets.token_hex(16),
+            **(settings or {}),
         }
         # The build's CA bundle as the README's `docker compose up` finds it (the environment,
         # else .env); failing both, as .ci/run does: behind this kind of machine's

@@ -187,6 +187,8 @@ def _backup_report(path: Path, manifest: dict, previous: dict | None, seconds: f
         "bytes": path.stat().st_size,
         "seconds": round(seconds, 1),
         "incremental_after": previous["_file"] if previous else None,
+        # What restore needs beside this archive: where the artifacts it did not copy are.
+        "needs_archives": sorted({a["archive"] for a in manifest["artifacts"]} - {path.name}),
         "artifacts": len(manifest["artifacts"]),
         "artifacts_copied": len(held),
         "artifact_bytes_copied": sum(a["size"] for a in held),
@@ -200,14 +202,14 @@ def _backup_report(path: Path, manifest: dict, previous: dict | None, seconds: f
 
 def _backup_line(report: dict) -> str:
     counts = report["row_counts"]
-    after = report["incremental_after"]
+    needs = report["needs_archives"]
     line = (
         f"backup: wrote {report['archive']} ({stackio.human(report['bytes'])}, "
         f"{report['seconds']} s, mode 0600: it holds the stack's secrets): "
         f"{counts.get('experiments', 0)} experiments, {counts.get('runs', 0)} runs, "
         f"{counts.get('registered_models', 0)} registered models, {report['artifacts']} "
         f"artifacts ({report['artifacts_copied']} copied"
-        + (f"; the rest are in earlier backups, from {after}" if after else "")
+        + (f"; the rest are in {', '.join(needs)}, which restore needs beside it" if needs else "")
         + f"), {len(report['files'])} files of users, secrets and .env"
     )
     if report["skipped"]:

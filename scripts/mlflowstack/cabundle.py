@@ -38,8 +38,8 @@ def ca_bundle_setting(
     """The EXTRA_CA_BUNDLE a new .env gets and the line that says why; None for either if none.
 
     ``--ca-bundle`` wins and must be a usable bundle (ca_bundle_problem). Otherwise nothing is
-    set when ``--no-ca-bundle`` is given, when ``example`` sets it already, or when ``environ``
-    does (compose takes the shell's value over .env's); else this host's bundle
+    set when ``--no-ca-bundle`` is given or when ``example`` sets it already; then the
+    shell's $EXTRA_CA_BUNDLE (a BundleError if it is no usable bundle); else this host's bundle
     (find_ca_bundle), if there is one. Raises BundleError for a bundle whose path .env cannot
     hold unchanged (env_value_problem).
     """
@@ -56,9 +56,19 @@ def ca_bundle_setting(
     if args.no_ca_bundle or sets_ca_bundle(example):
         return None, None
     if environ.get("EXTRA_CA_BUNDLE"):
-        return None, (
-            "EXTRA_CA_BUNDLE is set in this shell, and compose takes it from there: .env leaves "
-            "it unset"
+        # Written down, so that a later shell without the variable (a new login, cron, a
+        # colleague) still builds: compose prefers the shell's value while it is set.
+        path = Path(os.path.abspath(environ["EXTRA_CA_BUNDLE"]))
+        problem = ca_bundle_problem(path)
+        if problem:
+            raise BundleError(
+                f"EXTRA_CA_BUNDLE={environ['EXTRA_CA_BUNDLE']!r} in this shell: {problem}; "
+                "compose hands it to every image build: fix or unset it"
+            )
+        _check_env_value(path, "named by $EXTRA_CA_BUNDLE")
+        return str(path), (
+            f"EXTRA_CA_BUNDLE={path} in .env, as this shell sets it, so that builds from a "
+            "shell without it trust the same CAs"
         )
     found = find_ca_bundle(environ, CA_BUNDLE_PATHS)
     if found is None:

@@ -148,6 +148,9 @@ def _prompt(text: str) -> str:
         raise
 
 
+SHORT_PASSWORD_CHARS = 12
+
+
 def _read_new_password(args) -> str | None:
     """The password from stdin or two prompts; None when one is to be generated."""
     if args.generate:
@@ -205,6 +208,14 @@ def _change_password(args, apply) -> int:
     print(report, file=sys.stderr)
     if shown:
         print(password)
+    elif len(password) < SHORT_PASSWORD_CHARS:
+        # Not refused: the login throttle slows guessing over the network, and the choice is
+        # the operator's; but a 1-character password must not pass in silence.
+        print(
+            f"stackctl: warning: that password is shorter than {SHORT_PASSWORD_CHARS} "
+            "characters, which resist guessing better (or --generate one)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -343,6 +343,14 @@ def backup_path_for(args, now: datetime.datetime) -> Path:
     return Path(args.backup_dir or commands._project_dir(args) / "backups") / name
 
 
+def who_migrates(before: Before) -> str:
+    """Who brings an older schema to the new pin: the server copies a SQLite file first; with
+    the bundled PostgreSQL the migrate service upgrades it in one transaction."""
+    if before.volumes.get("store") == pgstore.POSTGRES:
+        return "the migrate service upgrades an older schema, in one transaction"
+    return "the server migrates an older schema, after a copy"
+
+
 def plan(before: Before, backup_path: Path) -> list[str]:
     images = ", ".join(before.images[s] for s in SERVICES)
     return [
@@ -350,8 +358,8 @@ def plan(before: Before, backup_path: Path) -> list[str]:
         f"2. tag the images running now as IMAGE:{TAG} ({images})",
         f"3. stackctl backup --output {backup_path}",
         f"4. docker compose build {' '.join(SERVICES)}",
-        "5. docker compose up -d --wait --no-build (the server migrates an older schema, "
-        f"after a copy; now at {before.volumes['revision']})",
+        f"5. docker compose up -d --wait --no-build ({who_migrates(before)}; now at "
+        f"{before.volumes['revision']})",
         f"6. health check; on failure at 4-6: the {TAG} images back, the database back if "
         "it was migrated, started again",
     ]
@@ -380,7 +388,7 @@ def upgrade(args, ctx: Context | None = None) -> int:
         ctx.say("upgrade: building the images")
         build(ctx)
         step, started = "start", True
-        ctx.say("upgrade: starting (the server migrates an older schema first)")
+        ctx.say(f"upgrade: starting ({who_migrates(before)})")
         start(ctx, args.timeout)
         step = "health check"
         wait_healthy(ctx, before.healthz, args.timeout)

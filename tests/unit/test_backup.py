@@ -299,6 +299,18 @@ def test_backup_second_run_copies_only_new_artifacts(stack, tmp_path):
     assert plan.artifacts["1/run0/artifacts/model.pkl"].archive == Path(first["archive"])
 
 
+def test_backup_third_run_report_names_every_archive_restore_needs(stack, tmp_path):
+    """Newcomer review: the report named only the newest archive ("from b2.tar") while the
+    artifacts it did not copy were in the first one as well."""
+    first = backup_to(stack, tmp_path / "backups", "--output", str(tmp_path / "backups/b1.tar"))
+    put(stack["artifacts"], "1/run1/artifacts/new.txt", b"new")
+    backup_to(stack, tmp_path / "backups", "--output", str(tmp_path / "backups/b2.tar"))
+    third = backup_to(stack, tmp_path / "backups", "--output", str(tmp_path / "backups/b3.tar"))
+    assert first["needs_archives"] == []
+    assert third["incremental_after"] == "b2.tar"
+    assert third["needs_archives"] == ["b1.tar", "b2.tar"]
+
+
 def test_backup_force_over_an_archive_others_name_copies_its_artifacts_again(stack, tmp_path):
     first = Path(backup_to(stack, tmp_path / "backups")["archive"])
     backup_to(stack, tmp_path / "backups", "--output", str(tmp_path / "backups/b2.tar"))

@@ -232,3 +232,36 @@ def test_https_command_speaks_tls_to_the_port(monkeypatch):
     monkeypatch.setattr(load, "wrk_binary", lambda: "wrk")
     target = load.Target(18525, "Basic x", "1", "r", scheme="https")
     assert "https://127.0.0.1:18525" in load._command(target, "list", 1, 1)
+
+
+def _replicas_report(one, three, failed=0) -> Report:
+    report = Report(["log-metric"], [1], len(one), quick=False)
+    report.replicas[("log-metric", 4, "replicas-1")] = [_run(rate) for rate in one]
+    runs = [_run(rate) for rate in three]
+    runs[0].statuses[502] = failed
+    report.replicas[("log-metric", 4, "replicas-3")] = runs
+    return report
+
+
+def test_render_replicas_reports_the_ratio_and_fails_only_on_errors():
+    slower = _replicas_report([100, 100, 100], [80, 90, 95])  # reported, not a goal
+    goal = _goal(slower, "replicas-no-errors")
+    assert goal.ok and "0.900" in goal.measured
+    assert any("3 replicas" in line for line in slower.render().splitlines())
+    failing = _replicas_report([100, 100, 100], [100, 100, 100], failed=1)
+    assert not _goal(failing, "replicas-no-errors").ok
+
+
+def test_replica_stacks_are_projects_of_their_own_on_postgres_with_free_ports(monkeypatch):
+    from stackbench import replicas
+
+    monkeypatch.setenv("BENCH_PORT_BASE", "20000")  # the main stack's: never reused here
+    stacks = replicas._stacks("mlflowstack-bench")
+    assert {s.project for s in stacks.values()} == {"mlflowstack-bench-r1", "mlflowstack-bench-r3"}
+    for count, stack in stacks.items():
+        assert stack.env["COMPOSE_PROFILES"] == "postgres"
+        assert stack.env["SERVER_REPLICAS"] == str(count)
+        assert stack.env["COMPOSE_PROJECT_NAME"] == stack.project
+        assert stack.ports.edge != 20000
+        # Replicas cannot share a published port: the bench file's direct port stays out.
+        assert [path.name for path in stack.files] == ["compose.yaml"]

@@ -148,7 +148,9 @@ def test_bootstrap_twice_changes_nothing(users_dir, counted_passwords):
 
 def test_user_passwd_admin_removes_initial_password_file_and_says_so(users_dir, counted_passwords):
     run(users_dir, "bootstrap")
-    status, _, err = run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
+    status, _, err = run(
+        users_dir, "user", "passwd", "admin", "--password-stdin", stdin="long-password\n"
+    )
     assert status == 0 and not (users_dir / "initial-admin-password").exists()
     assert err == (
         "user admin: password changed; the initial password file was removed "
@@ -158,16 +160,32 @@ def test_user_passwd_admin_removes_initial_password_file_and_says_so(users_dir, 
 
 def test_user_passwd_admin_without_initial_password_file_claims_no_removal(users_dir):
     run(users_dir, "user", "add", "admin", "--role", "admin", "--password-stdin", stdin="pw\n")
-    status, _, err = run(users_dir, "user", "passwd", "admin", "--password-stdin", stdin="new\n")
+    status, _, err = run(
+        users_dir, "user", "passwd", "admin", "--password-stdin", stdin="long-password\n"
+    )
     assert status == 0 and err == "user admin: password changed\n"
 
 
 def test_user_passwd_other_user_keeps_initial_password_file(users_dir, counted_passwords):
     run(users_dir, "bootstrap")
     run(users_dir, "user", "add", "alice", "--password-stdin", stdin="pw\n")
-    status, _, err = run(users_dir, "user", "passwd", "alice", "--password-stdin", stdin="new\n")
+    status, _, err = run(
+        users_dir, "user", "passwd", "alice", "--password-stdin", stdin="long-password\n"
+    )
     assert status == 0 and err == "user alice: password changed\n"
     assert (users_dir / "initial-admin-password").exists()
+
+
+def test_user_passwd_short_password_set_with_one_warning_line(users_dir):
+    """Newcomer review: a 1-character password passed in silence."""
+    run(users_dir, "user", "add", "alice", "--password-stdin", stdin="x\n")
+    status, _, err = run(users_dir, "user", "passwd", "alice", "--password-stdin", stdin="y\n")
+    assert status == 0
+    assert err.splitlines() == [
+        "user alice: password changed",
+        "stackctl: warning: that password is shorter than 12 characters, which resist "
+        "guessing better (or --generate one)",
+    ]
 
 
 def test_init_writes_env_once_and_keeps_it_without_force(users_dir, tmp_path, counted_passwords):
@@ -349,14 +367,27 @@ def test_init_no_ca_bundle_option_leaves_example_line(project, tmp_path, monkeyp
     assert err.splitlines() == [f"init: wrote {project / '.env'} from .env.example"]
 
 
-def test_init_shell_sets_extra_ca_bundle_leaves_env_unset_and_says_so(
-    project, tmp_path, monkeypatch
-):
+def test_init_shell_sets_extra_ca_bundle_written_to_env(project, tmp_path, monkeypatch):
+    """The README's promise: step 1 records the bundle in .env, also when the shell exports
+    it (a later shell without the variable must still build)."""
+    monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
+    corporate = bundle(tmp_path / "corp" / "ca.pem")
+    monkeypatch.setenv("EXTRA_CA_BUNDLE", str(corporate))
+    status, _, err = init(project)
+    assert status == 0
+    assert (project / ".env").read_text() == EXAMPLE.replace(
+        EXAMPLE_LINE, f"EXTRA_CA_BUNDLE={corporate}"
+    )
+    assert "as this shell sets it" in err
+
+
+def test_init_shell_extra_ca_bundle_missing_refused_no_env(project, tmp_path, monkeypatch):
     monkeypatch.setattr(cabundle, "CA_BUNDLE_PATHS", (str(bundle(tmp_path / "ca.crt")),))
     monkeypatch.setenv("EXTRA_CA_BUNDLE", "/elsewhere/ca.pem")
     status, _, err = init(project)
-    assert status == 0 and (project / ".env").read_text() == EXAMPLE
-    assert "EXTRA_CA_BUNDLE is set in this shell" in err
+    assert status == 1 and err.count("\n") == 1
+    assert "EXTRA_CA_BUNDLE='/elsewhere/ca.pem' in this shell: no such file" in err
+    assert not (project / ".env").exists()
 
 
 def test_init_example_already_sets_bundle_keeps_it(project, tmp_path, monkeypatch):

@@ -425,3 +425,26 @@ def test_cli_upgrade_failure_one_line_exit_1(tmp_path, monkeypatch, capsys):
     assert cli.main(["--project-dir", str(tmp_path), "upgrade"]) == 1
     err = capsys.readouterr().err
     assert err == "stackctl: docker compose config failed: no\n"
+
+
+def test_server_healthcheck_start_period_outlasts_upgrade_timeout_slow_migration_stays_healthy():
+    """A SQLite migration runs before the server's port opens; if the start period ended first,
+    three failed checks would mark it unhealthy and `up --wait` would abort a working
+    migration (and upgrade would roll it back). Upgrade's --timeout must be what decides."""
+    import re
+
+    dockerfile = (Path(__file__).resolve().parents[2] / "server" / "Dockerfile").read_text()
+    start_period = int(re.search(r"HEALTHCHECK .*--start-period=(\d+)s", dockerfile)[1])
+    default_timeout = cli.build_parser().parse_args(["upgrade"]).timeout
+    assert start_period >= 2 * default_timeout
+
+
+def test_plan_postgres_names_migrate_service_not_server_copy(tmp_path):
+    """Newcomer review: the dry run promised a server-side copy that PostgreSQL never gets."""
+    sqlite_plan = "\n".join(upgrade.plan(before(), tmp_path / "b.tar"))
+    assert "the server migrates an older schema, after a copy" in sqlite_plan
+    postgres = before()
+    postgres.volumes["store"] = upgrade.pgstore.POSTGRES
+    postgres_plan = "\n".join(upgrade.plan(postgres, tmp_path / "b.tar"))
+    assert "the migrate service upgrades an older schema" in postgres_plan
+    assert "after a copy" not in postgres_plan
