@@ -30,8 +30,11 @@ from mlflowstack.volumeagent import safe_relative
 
 
 def bundle_version(project_dir: Path) -> str:
-    """pyproject's version, and the git commit when the bundle is a checkout."""
-    text = (project_dir / "pyproject.toml").read_text() if project_dir.is_dir() else ""
+    """pyproject's version ("unknown" without one: a bundle copied without it), and the git
+    commit when the bundle is a checkout. Never raises: a backup does not fail for a label."""
+    text = ""
+    with contextlib.suppress(OSError):
+        text = (project_dir / "pyproject.toml").read_text()
     match = re.search(r'^version = "([^"]+)"', text, re.M)
     version = match[1] if match else "unknown"
     with contextlib.suppress(OSError):

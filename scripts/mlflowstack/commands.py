@@ -47,6 +47,20 @@ def compose_command(args, *compose_args: str) -> list[str]:
     return ["docker", "compose", "--project-directory", str(_project_dir(args)), *compose_args]
 
 
+def one_off_command(args, *run_words: str) -> list[str]:
+    """``docker compose run --rm -T --no-deps RUN_WORDS`` of a one-off container of the
+    server's image that is there: the service's ``pull_policy: build`` would have ``run``
+    build first and print the build on stdout, where an agent's answer goes. ``--pull never``
+    says so only from Compose 2.32.2 on (Debian 13's 2.26, which the Ansible roles install,
+    refuses it); compose.yaml reads the policy from SERVER_PULL_POLICY, which every version
+    honours, so the command sets that (through ``env``: the command stays one argv)."""
+    return [
+        "env",
+        "SERVER_PULL_POLICY=never",
+        *compose_command(args, "run", "--rm", "-T", "--no-deps", *run_words),
+    ]
+
+
 def _compose(
     args, *compose_args: str, stdin_text: str | None = None, json_stdout: bool = False
 ) -> int:

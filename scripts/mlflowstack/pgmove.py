@@ -183,17 +183,24 @@ class Compose:
     def __init__(self, args):
         self.args = args
 
-    def run(self, *words: str, profiles: str | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *words: str, profiles: str | None = None, one_off: bool = False
+    ) -> subprocess.CompletedProcess:
+        """``docker compose WORDS``; with ``one_off``, ``run WORDS`` of a one-off container
+        (commands.one_off_command)."""
         env = None if profiles is None else {**os.environ, "COMPOSE_PROFILES": profiles}
-        command = commands.compose_command(self.args, *words)
+        if one_off:
+            command = commands.one_off_command(self.args, *words)
+        else:
+            command = commands.compose_command(self.args, *words)
         try:
             return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
                                   text=True, env=env, check=False)  # fmt: skip
         except FileNotFoundError:
             raise BundleError("docker is not installed here") from None
 
-    def ok(self, *words: str, profiles: str | None = None) -> str:
-        done = self.run(*words, profiles=profiles)
+    def ok(self, *words: str, profiles: str | None = None, one_off: bool = False) -> str:
+        done = self.run(*words, profiles=profiles, one_off=one_off)
         if done.returncode:
             lines = done.stderr.strip().splitlines()
             reason = printable(lines[-1])[:300] if lines else f"exit status {done.returncode}"
@@ -202,13 +209,13 @@ class Compose:
 
     def agent(self, mode: str, profiles: str | None = None) -> dict:
         """pgmoveagent's answer: ``source`` in the running server, else in a one-off container
-        of the server's service (``--pull never``: its ``pull_policy: build`` would build)."""
+        of the server's service (commands.one_off_command: never built there)."""
+        script = ("-c", AGENT.read_text(), mode)
         if mode == "source":
-            where = ["exec", "-T", "server", "python"]
+            out = self.ok("exec", "-T", "server", "python", *script, profiles=profiles)
         else:
-            where = ["run", "--rm", "-T", "--no-deps", "--pull", "never"]
-            where += ["--entrypoint", "python", "server"]
-        out = self.ok(*where, "-c", AGENT.read_text(), mode, profiles=profiles)
+            where = ("--entrypoint", "python", "server")
+            out = self.ok(*where, *script, profiles=profiles, one_off=True)
         return stackio.answer(out.encode())
 
     def config(self, profiles: str | None = None) -> dict:
@@ -350,8 +357,7 @@ def _copy(compose: Compose, profiles: str, say, stop_postgres: bool) -> dict:
         say("migrate-to-postgres: starting PostgreSQL and the migrate service")
         start_postgres(compose, profiles)
         step = "migrate"
-        compose.ok("run", "--rm", "-T", "--no-deps", "--pull", "never", "migrate",
-                   profiles=profiles)  # fmt: skip
+        compose.ok("migrate", profiles=profiles, one_off=True)
         step = "copy"
         say("migrate-to-postgres: copying (one transaction, compared before the commit)")
         return compose.agent("copy", profiles)

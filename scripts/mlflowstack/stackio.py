@@ -62,17 +62,16 @@ def human(size: int) -> str:
 def _agent_command(args, place: str, words: tuple[str, ...], script: Path) -> list[str]:
     """``python -c SCRIPT WORDS...`` where ``place`` says: ``server``, the running server
     (``exec``); ``server-run``, a one-off container of the server's image with its volumes
-    (the server stopped; ``--pull never``, as the service's ``pull_policy: build`` would build
-    and print on stdout); ``files``, the auth image's stackctl service (users, secrets);
-    ``postgres``, the running bundled PostgreSQL, where ``words`` are the command itself (its
-    image has no Python: pgstore.py)."""
+    (the server stopped; commands.one_off_command: never built there); ``files``, the auth
+    image's stackctl service (users, secrets); ``postgres``, the running bundled PostgreSQL,
+    where ``words`` are the command itself (its image has no Python: pgstore.py)."""
     if place == "postgres":
         return commands.compose_command(args, "exec", "-T", "postgres", *words)
     if place == "server":
         where = ["exec", "-T", "server", "python"]
     elif place == "server-run":
-        where = ["run", "--rm", "-T", "--no-deps", "--pull", "never"]
-        where += ["--entrypoint", "python", "server"]
+        run_words = ("--entrypoint", "python", "server", "-c", script.read_text(), *words)
+        return commands.one_off_command(args, *run_words)
     else:
         commands._build_auth_image_if_missing(args)
         where = ["run", "--rm", "-T", "--no-deps", "--entrypoint", "python", "stackctl"]

@@ -113,6 +113,13 @@ class Context:
             raise BundleError(f"docker compose {words[0]} failed: {result.reason()}")
         return result.stdout
 
+    def one_off_ok(self, *run_words: str) -> str:
+        """A one-off container's stdout (commands.one_off_command)."""
+        result = self.run(commands.one_off_command(self.args, *run_words))
+        if result.returncode:
+            raise BundleError(f"docker compose run failed: {result.reason()}")
+        return result.stdout
+
 
 @dataclasses.dataclass
 class Before:
@@ -212,12 +219,11 @@ def disk_problem(free_host: int, volumes: dict, previous_bytes: int) -> str | No
 def agent(ctx: Context, running: bool, *words: str) -> dict:
     """upgradeagent's answer (``inspect`` by default) from the server's image: in its
     container while it runs, else in a one-off container with its volumes."""
+    script = ("-c", AGENT.read_text(), *(words or ("inspect",)))
     if running:
-        where = ["exec", "-T", "server", "python"]
+        stdout = ctx.compose_ok("exec", "-T", "server", "python", *script)
     else:
-        where = ["run", "--rm", "-T", "--no-deps", "--pull", "never"]
-        where += ["--entrypoint", "python", "server"]
-    stdout = ctx.compose_ok(*where, "-c", AGENT.read_text(), *(words or ("inspect",)))
+        stdout = ctx.one_off_ok("--entrypoint", "python", "server", *script)
     return stackio.answer(stdout.encode())
 
 

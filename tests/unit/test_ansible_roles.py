@@ -21,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE = REPO / "ansible"
 ROLES = sorted(p.name for p in (ANSIBLE / "roles").iterdir() if p.is_dir())
-SITE_ROLES = ["docker_engine", "mlflow_stack", "mlflow_users"]
+SITE_ROLES = ["docker_engine", "mlflow_stack", "mlflow_users", "mlflow_backup"]
 
 
 def _load(path: Path):
@@ -29,8 +29,14 @@ def _load(path: Path):
 
 
 def _options(role: str) -> dict:
-    specs = _load(ANSIBLE / "roles" / role / "meta" / "argument_specs.yml")
-    return specs["argument_specs"]["main"]["options"]
+    """The options of every entry point (main, and e.g. mlflow_backup's fetch and restore)."""
+    specs = _load(ANSIBLE / "roles" / role / "meta" / "argument_specs.yml")["argument_specs"]
+    options = {}
+    for entry in specs.values():
+        for name, spec in entry["options"].items():
+            assert options.get(name, spec) == spec, f"{role}: {name} differs between entries"
+            options[name] = spec
+    return options
 
 
 def _defaults(role: str) -> dict:
@@ -46,7 +52,7 @@ def _ansible_tool(name: str) -> str:
     return found
 
 
-def test_site_runs_the_three_roles_in_order():
+def test_site_runs_the_four_roles_in_order():
     (play,) = _load(ANSIBLE / "site.yml")
     assert play["hosts"] == "mlflow_servers"
     assert play["become"] is True
@@ -133,6 +139,8 @@ def test_inventory_example_sets_only_known_variables():
         "mlflow_stack_source_dir",
         "mlflow_users_stack_dir",
         "mlflow_users_stack_project",
+        "mlflow_backup_stack_dir",
+        "mlflow_backup_stack_project",
     }
     assert [n for n in sorted(known - internal) if n not in text] == []
 

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflowstack import archive, cli, files, restore, stackio, volumeagent
+from mlflowstack import archive, backup, cli, files, restore, stackio, volumeagent
 from mlflowstack.archive import ArchiveError
 from mlflowstack.files import BundleError
 from mlflowstack.volumeagent import AgentError
+
+REPO = Path(__file__).resolve().parents[2]
 
 SHA_A = hashlib.sha256(b"a").hexdigest()
 
@@ -743,3 +745,36 @@ def test_agent_failure_line_escaped_for_the_terminal(stack, tmp_path):
 
     line = stackio._agent_failure("load-server", Failed, errors)
     assert "\x1b" not in line and "\\x1b[31m" in line
+
+
+def test_bundle_version_without_pyproject_unknown(tmp_path):
+    """A bundle copied without pyproject.toml (as Ansible's did) still backs up."""
+    assert backup.bundle_version(tmp_path).startswith("unknown")
+    assert backup.bundle_version(tmp_path / "missing").startswith("unknown")
+
+
+def test_bundle_version_reads_pyproject(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nversion = "9.8.7"\n')
+    assert backup.bundle_version(tmp_path).startswith("9.8.7")
+
+
+def test_one_off_command_server_never_built_on_any_compose_version():
+    """A one-off container of the server's image must not build: ``pull_policy: build`` has
+    ``run`` print the build on stdout (the agent's answer), and a shipped VM has no base image
+    to build from. ``--pull never`` is refused by Compose 2.26 (Debian 13, the Ansible VMs:
+    restore failed there with "unknown flag: --pull"); the policy variable works everywhere."""
+    import types
+
+    import yaml
+    from mlflowstack import commands
+
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    assert compose["services"]["server"]["pull_policy"] == "${SERVER_PULL_POLICY:-build}"
+    command = commands.one_off_command(types.SimpleNamespace(project_dir=REPO), "server", "x")
+    assert command[:2] == ["env", "SERVER_PULL_POLICY=never"]
+    assert command[2:4] == ["docker", "compose"]
+    assert command[-6:] == ["run", "--rm", "-T", "--no-deps", "server", "x"]
+    assert "--pull" not in command
+    assert "--pull" not in stackio._agent_command(
+        types.SimpleNamespace(project_dir=REPO), "server-run", ("load-server",), stackio.AGENT
+    )

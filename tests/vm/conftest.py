@@ -11,17 +11,38 @@ removed at the end of its module (the VM, its /var/lib/docker volume) or of the 
 ship path's images, which the playbook builds on this machine under VM_TEST_PROJECT). The VM
 image itself (``vmtest-vm``) is kept: it is rebuilt from the build cache in a second.
 
-The build path (a second VM builds the images itself) runs only with VM_TEST_BUILD=1, as
-.ci/run sets it. Every converge's output is kept in test-output/vm/, and the time of each phase
-is printed at the end of the run.
+The ship path's VM is the session's (ship_vm and its site, people and state): test_ship_path.py
+converges it, test_ship_backup.py then backs it up and restores it; it is removed before the
+build path's VM starts. The build path (a second VM builds the images itself) runs only with
+VM_TEST_BUILD=1, as .ci/run sets it. Every converge's output is kept in test-output/vm/, and
+the time of each phase is printed at the end of the run.
 """
 
+import secrets
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from vmtools import BASE_IMAGE, BIN, HERE, PROJECT, ROOT, TIMINGS, VM, VM_IMAGE, record_time, run
+from vmtools import (
+    BASE_IMAGE,
+    BIN,
+    HERE,
+    PROJECT,
+    ROOT,
+    SHIP_VMS,
+    TIMINGS,
+    VM,
+    VM_IMAGE,
+    Site,
+    make_token_secret,
+    record_time,
+    run,
+)
+
+# The order the modules run in: each ship module needs the one before; the build path's VM
+# starts after the ship path's is gone.
+MODULE_ORDER = ["test_ship_path.py", "test_ship_backup.py", "test_build_path.py"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,8 +51,12 @@ def pytest_collection_modifyitems(config, items):
             # `stack` too: the unit tier (-m "not stack") needs no Docker and stays fast.
             item.add_marker(pytest.mark.vm)
             item.add_marker(pytest.mark.stack)
-    # The ship path's VM first (it is removed before the build path's VM starts).
-    items.sort(key=lambda item: Path(str(item.fspath)).name == "test_build_path.py")
+
+    def rank(item):
+        name = Path(str(item.fspath)).name
+        return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
+
+    items.sort(key=rank)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -111,3 +136,50 @@ def make_vm(vm_image, ssh_key):
     yield make
     for vm in started:
         vm.remove()
+
+
+# --- the ship path's VM, shared by test_ship_path.py and test_ship_backup.py ------------------
+
+SHIP = "ship"
+
+
+@pytest.fixture(scope="session")
+def ship_vm(make_vm, ship_images_cleanup):
+    vm = make_vm(SHIP)
+    SHIP_VMS.append(vm)
+    yield vm
+    vm.remove()
+
+
+@pytest.fixture(scope="session")
+def ship_site(ship_vm, vm_workdir):
+    """The inventory of the ship path's VM. Backups: chains of 2 archives, 2 chains kept, so
+    that a few runs show the retention; backup-fetch.yml copies to the session's folder."""
+    folder = vm_workdir / SHIP
+    folder.mkdir()
+    return Site(
+        ship_vm, folder, images="ship", mlflow_backup_chain_length=2, mlflow_backup_keep=2,
+        mlflow_backup_copy_to=str(folder / "fetched"),
+    )  # fmt: skip
+
+
+def _password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+@pytest.fixture(scope="session")
+def ship_people():
+    """The inventory's users and token, and what each step changes."""
+    return {
+        "alice": {"name": "alice", "password": _password(), "role": "editor"},
+        "victor": {"name": "victor", "password": _password(), "role": "viewer"},
+        "bob": {"name": "bob", "password": _password(), "role": "editor"},
+        "dave": {"name": "dave", "password": _password(), "role": "editor"},
+        "token": {"name": "ci-nightly", "secret": make_token_secret(), "role": "editor"},
+    }
+
+
+@pytest.fixture(scope="session")
+def ship_state():
+    """What earlier steps made, for later steps (a step skips when what it needs is missing)."""
+    return {}

@@ -12,7 +12,16 @@ import time
 
 import pytest
 import requests
-from vmtools import BASE_IMAGE, PROJECT, Site, assert_converged, make_token_secret, record_time, run
+from vmtools import (
+    BASE_IMAGE,
+    PROJECT,
+    Site,
+    assert_converged,
+    make_token_secret,
+    record_time,
+    retire_ship_vm,
+    run,
+)
 
 ROLE = "build"
 
@@ -24,6 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def vm(make_vm):
+    retire_ship_vm()  # one VM at a time on this machine
     vm = make_vm(ROLE)
     yield vm
     vm.remove()

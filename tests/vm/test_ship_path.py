@@ -22,9 +22,8 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from vmtools import (
-    Site,
     assert_converged,
-    make_token_secret,
+    first_inventory,
     record_time,
     wait_until,
 )
@@ -37,36 +36,27 @@ def _password() -> str:
     return secrets.token_urlsafe(18)
 
 
-@pytest.fixture(scope="module")
-def vm(make_vm, ship_images_cleanup):
-    vm = make_vm(ROLE)
-    yield vm
-    vm.remove()
+# The session's ship VM (conftest.py), under this module's names.
 
 
 @pytest.fixture(scope="module")
-def site(vm, vm_workdir):
-    folder = vm_workdir / ROLE
-    folder.mkdir()
-    return Site(vm, folder, images="ship")
+def vm(ship_vm):
+    return ship_vm
 
 
 @pytest.fixture(scope="module")
-def people():
-    """The inventory's users and token, and what each step changes."""
-    return {
-        "alice": {"name": "alice", "password": _password(), "role": "editor"},
-        "victor": {"name": "victor", "password": _password(), "role": "viewer"},
-        "bob": {"name": "bob", "password": _password(), "role": "editor"},
-        "dave": {"name": "dave", "password": _password(), "role": "editor"},
-        "token": {"name": "ci-nightly", "secret": make_token_secret(), "role": "editor"},
-    }
+def site(ship_site):
+    return ship_site
 
 
 @pytest.fixture(scope="module")
-def state():
-    """What earlier steps made, for later steps (a step skips when what it needs is missing)."""
-    return {}
+def people(ship_people):
+    return ship_people
+
+
+@pytest.fixture(scope="module")
+def state(ship_state):
+    return ship_state
 
 
 def need(state, *keys):
@@ -74,11 +64,6 @@ def need(state, *keys):
     if missing:
         pytest.skip(f"an earlier step did not get as far as {', '.join(missing)}")
     return [state[key] for key in keys]
-
-
-def first_inventory(site, people):
-    users = [people[name] for name in ("alice", "victor", "bob", "dave")]
-    return site.write(users, [people["token"]], env={}, exclusive=False)
 
 
 @contextlib.contextmanager

@@ -204,6 +204,16 @@ class VM:
             return 0
 
 
+# The ship path's VM while it runs (conftest.ship_vm), for retire_ship_vm.
+SHIP_VMS: list[VM] = []
+
+
+def retire_ship_vm() -> None:
+    """Remove the ship path's VM, if one runs (before the build path starts its own)."""
+    while SHIP_VMS:
+        SHIP_VMS.pop().remove()
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
@@ -359,8 +369,11 @@ class Site:
         assert vault_file.read_text().startswith("$ANSIBLE_VAULT;")
         return inventory_dir / "hosts.yml"
 
-    def converge(self, label: str, *args: str, timeout: float = 1800) -> Converge:
-        """Run the playbook as an operator would (from the repository root)."""
+    def converge(
+        self, label: str, *args: str, playbook: str = "ansible/site.yml", timeout: float = 1800
+    ) -> Converge:
+        """Run a playbook (site.yml unless told) as an operator would (from the repository
+        root)."""
         self.runs += 1
         LOGS.mkdir(parents=True, exist_ok=True)
         log = LOGS / f"{self.host.split('-', 2)[-1]}-{self.runs:02d}-{label}.log"
@@ -368,7 +381,7 @@ class Site:
             str(BIN / "ansible-playbook"),
             "-i", str(self.folder / "inventory" / "hosts.yml"),
             "--vault-password-file", str(self.vault_password_file),
-            "ansible/site.yml", *args,
+            playbook, *args,
         ]  # fmt: skip
         env = {
             **os.environ,
@@ -404,6 +417,12 @@ class Site:
             f"{len(leaked)} inventory password(s)/secret(s) appear in the playbook's output ({log})"
         )
         return converge
+
+
+def first_inventory(site: Site, people: dict) -> Path:
+    """The ship path's first inventory: four users and a token (conftest.ship_people)."""
+    users = [people[name] for name in ("alice", "victor", "bob", "dave")]
+    return site.write(users, [people["token"]], env={}, exclusive=False)
 
 
 def assert_converged(converge: Converge, host: str, what: str) -> dict[str, int]:
