@@ -6,9 +6,10 @@ scrypt(passphrase, salt) gives 64 bytes: 32 for AES, 32 for the HMAC. AES runs i
 ``openssl enc`` as a stream filter; its key reaches openssl only through a pipe fd, never argv
 or the environment (other local users can read /proc/*/cmdline). ``decrypt_file`` checks the
 tag over the whole file before it writes a single decrypted byte.
-Not wired into the CLI yet (see the encrypt branch's report).
 """
 
+import contextlib
+import getpass
 import hashlib
 import hmac
 import json
@@ -16,6 +17,8 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -27,6 +30,7 @@ _MAXMEM = 256 * 1024 * 1024
 _TAG = 32
 _CHUNK = 1024 * 1024
 _REFUSED = "wrong passphrase or corrupted archive"
+_PASSPHRASE_LIMIT = 64 * 1024
 
 
 def is_encrypted(path: Path) -> bool:
@@ -69,8 +73,31 @@ def _openssl(iv: bytes, key: bytes, *, decrypt: bool, stdout):
     return process
 
 
-def encrypt_file(source: Path, target_handle, passphrase: bytes, scrypt: dict = SCRYPT) -> None:
-    """Write the encrypted form of ``source`` to the open binary ``target_handle``."""
+class _Sink:
+    """What tarfile writes to: openssl's stdin, with the offset tarfile asks for."""
+
+    def __init__(self, stdin):
+        self._stdin, self._offset = stdin, 0
+
+    def write(self, data) -> int:
+        self._stdin.write(data)
+        self._offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._offset
+
+    def flush(self) -> None:
+        self._stdin.flush()
+
+
+@contextlib.contextmanager
+def encrypting(target_handle, passphrase: bytes, scrypt: dict | None = None):
+    """Yield a write-only binary file; what is written there reaches the open binary
+    ``target_handle`` encrypted, and the tag follows when the block ends without an error.
+    On an error openssl is stopped and ``target_handle`` holds a partial file (open_atomic
+    discards it). No plaintext touches the disk."""
+    scrypt = scrypt or SCRYPT
     salt, iv = secrets.token_bytes(16), secrets.token_bytes(16)
     aes_key, mac_key = derive_keys(passphrase, salt, **scrypt)
     header = {"version": 1, "kdf": "scrypt", **scrypt, "salt": salt.hex()}
@@ -79,27 +106,43 @@ def encrypt_file(source: Path, target_handle, passphrase: bytes, scrypt: dict = 
     mac = hmac.new(mac_key, MAGIC + line, hashlib.sha256)
     target_handle.write(MAGIC + line)
     process = _openssl(iv, aes_key, decrypt=False, stdout=subprocess.PIPE)
-    # A feeder thread: openssl's output must be drained while its input is still being written.
-    feeder = threading.Thread(target=_feed, args=(source, process.stdin), daemon=True)
-    feeder.start()
-    while chunk := process.stdout.read(_CHUNK):
-        mac.update(chunk)
-        target_handle.write(chunk)
-    feeder.join()
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        # openssl's output must be drained while its input is still being written.
+        try:
+            while chunk := process.stdout.read(_CHUNK):
+                mac.update(chunk)
+                target_handle.write(chunk)
+        except BaseException as error:  # e.g. a full disk: stop openssl so the writer fails
+            failed.append(error)
+            process.kill()
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    try:
+        yield _Sink(process.stdin)
+        process.stdin.close()
+    except BaseException:
+        process.kill()
+        drainer.join()
+        process.wait()
+        if failed:
+            raise failed[0] from None
+        raise
+    drainer.join()
+    if failed:
+        raise failed[0]
     if process.wait() != 0:
         raise BundleError(f"openssl failed: {process.stderr.read().decode(errors='replace')}")
     target_handle.write(mac.digest())
 
 
-def _feed(source: Path, stdin) -> None:
-    try:
-        with open(source, "rb") as plain:
-            while chunk := plain.read(_CHUNK):
-                stdin.write(chunk)
-    except BrokenPipeError:
-        pass  # openssl died; its exit status reports it
-    finally:
-        stdin.close()
+def encrypt_file(source: Path, target_handle, passphrase: bytes, scrypt: dict | None = None):
+    """Write the encrypted form of ``source`` to the open binary ``target_handle``."""
+    with encrypting(target_handle, passphrase, scrypt) as sink, open(source, "rb") as plain:
+        while chunk := plain.read(_CHUNK):
+            sink.write(chunk)
 
 
 def _read_header(handle) -> tuple[bytes, dict]:
@@ -113,6 +156,12 @@ def _read_header(handle) -> tuple[bytes, dict]:
     except (ValueError, KeyError, TypeError) as error:
         raise BundleError(_REFUSED) from error
     if fields[0] != 1 or len(salt) != 16 or len(iv) != 16 or not line.endswith(b"\n"):
+        raise BundleError(_REFUSED)
+    # A hostile header must not buy hours of scrypt: bounds well above what we write.
+    n, r, p = fields[1:]
+    if not all(type(v) is int for v in (n, r, p)) or not (
+        2 <= n <= 2**20 and 1 <= r <= 32 and 1 <= p <= 16
+    ):
         raise BundleError(_REFUSED)
     return line, {"n": fields[1], "r": fields[2], "p": fields[3], "salt": salt, "iv": iv}
 
@@ -129,7 +178,7 @@ def decrypt_file(source: Path, target_handle, passphrase: bytes) -> None:
             aes_key, mac_key = derive_keys(
                 passphrase, header["salt"], header["n"], header["r"], header["p"]
             )
-        except (ValueError, MemoryError) as error:
+        except (ValueError, MemoryError, OverflowError) as error:
             raise BundleError(_REFUSED) from error
         mac = hmac.new(mac_key, MAGIC + line, hashlib.sha256)
         left = body
@@ -147,3 +196,61 @@ def decrypt_file(source: Path, target_handle, passphrase: bytes) -> None:
         process.stdin.close()
         if process.wait() != 0:
             raise BundleError(f"openssl failed: {process.stderr.read().decode(errors='replace')}")
+
+
+def read_passphrase(file: str | None, *, confirm: bool) -> bytes:
+    """The passphrase: the first line of ``file`` (refused when group or others may read it,
+    like ssh refuses such a key) or, on a terminal, typed at a prompt (twice with ``confirm``).
+    Never from an argument or the environment. An empty one is refused."""
+    if file is not None:
+        try:
+            with open(file, "rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode & 0o777
+                data = handle.read(_PASSPHRASE_LIMIT)
+        except OSError as error:
+            raise BundleError(
+                f"{file}: cannot read the passphrase file ({error.strerror})"
+            ) from None
+        if mode & 0o077:
+            raise BundleError(
+                f"{file}: permissions {mode:04o} are too open: a passphrase file must not be "
+                "readable by group or others (chmod 600)"
+            )
+        passphrase = data.split(b"\n", 1)[0].removesuffix(b"\r")
+    elif not sys.stdin.isatty():
+        raise BundleError("no terminal to ask for the passphrase: give --passphrase-file FILE")
+    else:
+        passphrase = getpass.getpass("Backup passphrase: ").encode()
+        if confirm and getpass.getpass("The same passphrase again: ").encode() != passphrase:
+            raise BundleError("the two passphrases differ; nothing written")
+    if not passphrase:
+        raise BundleError("refusing an empty passphrase")
+    return passphrase
+
+
+@contextlib.contextmanager
+def plain_archive(path: Path, passphrase_file: str | None, tmp_dir: str | None):
+    """Yield a plaintext archive for ``path``: ``path`` itself when it is not encrypted, else
+    its decryption (tag checked over the whole file first) in a file of mode 0600 in a new
+    0700 directory under ``tmp_dir`` (default: beside ``path``), removed on every exit path."""
+    try:
+        encrypted = is_encrypted(path)
+    except OSError:
+        encrypted = False  # restore's verification says what is wrong with it
+    if not encrypted:
+        yield path
+        return
+    passphrase = read_passphrase(passphrase_file, confirm=False)
+    parent = Path(tmp_dir) if tmp_dir else path.parent
+    try:
+        directory = Path(tempfile.mkdtemp(prefix=".stackctl-decrypt-", dir=parent))
+    except OSError as error:
+        raise BundleError(f"{parent}: cannot make a private directory ({error.strerror})") from None
+    try:
+        plain = directory / path.name.removesuffix(".enc")
+        fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            decrypt_file(path, handle, passphrase)
+        yield plain
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
