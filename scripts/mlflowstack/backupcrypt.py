@@ -123,6 +123,13 @@ def encrypting(target_handle, passphrase: bytes, scrypt: dict | None = None):
     try:
         yield _Sink(process.stdin)
         process.stdin.close()
+    except BrokenPipeError:
+        # openssl exited early: its own words say why.
+        drainer.join()
+        process.wait()
+        if failed:
+            raise failed[0] from None
+        raise BundleError(_openssl_failure(process)) from None
     except BaseException:
         process.kill()
         drainer.join()
@@ -134,8 +141,13 @@ def encrypting(target_handle, passphrase: bytes, scrypt: dict | None = None):
     if failed:
         raise failed[0]
     if process.wait() != 0:
-        raise BundleError(f"openssl failed: {process.stderr.read().decode(errors='replace')}")
+        raise BundleError(_openssl_failure(process))
     target_handle.write(mac.digest())
+
+
+def _openssl_failure(process) -> str:
+    lines = process.stderr.read().decode(errors="replace").strip().splitlines()
+    return f"openssl failed: {lines[0][:200] if lines else f'exit status {process.returncode}'}"
 
 
 def encrypt_file(source: Path, target_handle, passphrase: bytes, scrypt: dict | None = None):
@@ -195,7 +207,7 @@ def decrypt_file(source: Path, target_handle, passphrase: bytes) -> None:
             left -= len(chunk)
         process.stdin.close()
         if process.wait() != 0:
-            raise BundleError(f"openssl failed: {process.stderr.read().decode(errors='replace')}")
+            raise BundleError(_openssl_failure(process))
 
 
 def read_passphrase(file: str | None, *, confirm: bool) -> bytes:

@@ -158,3 +158,27 @@ def test_restore_encrypted_temp_removed_when_restore_fails(stack, tmp_path, monk
     assert status == 1 and "not empty" in err
     assert [(p.parent.parent, m, d) for p, m, d in seen] == [(scratch, 0o600, 0o700)]
     assert list(scratch.iterdir()) == []
+
+
+def test_backup_encrypt_openssl_fails_one_line_no_file(stack, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        backupcrypt, "openssl_command", lambda iv, fd, decrypt: ["openssl", "enc", "-no-such"]
+    )
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    status, _, err = stackctl(
+        stack, "backup", "--output", str(directory), "--encrypt",
+        "--passphrase-file", secret_file(tmp_path),
+    )  # fmt: skip
+    assert status == 1 and err.startswith("stackctl: openssl failed: ") and err.count("\n") == 1
+    assert list(directory.iterdir()) == []
+
+
+def test_backup_encrypt_without_openssl_names_the_package(stack, tmp_path, monkeypatch):
+    monkeypatch.setattr(backupcrypt.shutil, "which", lambda name: None)
+    status, _, err = stackctl(
+        stack, "backup", "--output", str(tmp_path / "b.tar"), "--encrypt",
+        "--passphrase-file", secret_file(tmp_path),
+    )  # fmt: skip
+    assert (status, err) == (1, "stackctl: openssl not found: install the 'openssl' package\n")
+    assert not (tmp_path / "b.tar").exists()
