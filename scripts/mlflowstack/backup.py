@@ -8,8 +8,10 @@ archive is written atomically, mode 0600 (it holds the stack's secrets), never o
 existing file without ``--force``. Artifacts that the newest archive of this compose project
 in the same directory holds, or names, with the same path, size and mtime are not sent again
 (``--full`` sends all); the manifest says which archive holds each one. What the host receives
-is hashed again and must match what the agent read. Progress goes to stderr only on a
-terminal; ``--quiet`` prints nothing; ``--json`` prints one JSON object on stdout.
+is hashed again and must match what the agent read. With ``--encrypt`` the tar stream goes
+through backupcrypt on its way to the file (no plaintext on disk); such an archive is always
+full, and never the base of a later one (find_previous cannot read it). Progress goes to stderr
+only on a terminal; ``--quiet`` prints nothing; ``--json`` prints one JSON object on stdout.
 """
 
 import contextlib
@@ -24,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mlflowstack import archive, commands, pgstore, stackio
+from mlflowstack import archive, backupcrypt, commands, pgstore, stackio
 from mlflowstack.files import SECRET_MODE, BundleError, open_atomic
 from mlflowstack.volumeagent import safe_relative
 
@@ -48,8 +50,10 @@ def bundle_version(project_dir: Path) -> str:
 
 
 def output_path(args, now: datetime.datetime) -> Path:
-    """``--output`` (a directory gets a new file named by the time), default ``backups/``."""
+    """``--output`` (a directory gets a new file named by the time, ``.tar.enc`` when
+    encrypted), default ``backups/``."""
     name = now.strftime("mlflow-backup-%Y%m%dT%H%M%SZ.tar")
+    name += ".enc" if getattr(args, "encrypt", False) else ""
     if args.output is None:
         directory = commands._project_dir(args) / "backups"
         directory.mkdir(mode=0o700, exist_ok=True)
@@ -102,6 +106,12 @@ def backup(args) -> int:
     path = output_path(args, now)
     if path.exists() and not args.force:
         raise BundleError(f"{path} exists, not replaced (--force replaces it)")
+    encrypt = getattr(args, "encrypt", False)
+    passphrase_file = getattr(args, "passphrase_file", None)
+    if passphrase_file is not None and not encrypt:
+        raise BundleError("--passphrase-file is for --encrypt")
+    # Asked before any work, so a typo costs nothing.
+    passphrase = backupcrypt.read_passphrase(passphrase_file, confirm=True) if encrypt else None
     stackio.require_running(args)
     stores = stackio.agent_json(args, "server", "inspect-store")
     store = stores["store"]
@@ -116,14 +126,16 @@ def backup(args) -> int:
             file=sys.stderr,
         )
     project = stackio.project_name(args)
-    previous = None if args.full else archive.find_previous(path.parent, project, exclude=path)
+    full = args.full or encrypt  # an encrypted archive names no earlier one
+    previous = None if full else archive.find_previous(path.parent, project, exclude=path)
     known = archive.known_artifacts(previous, path.parent, replacing=path.name)
     progress = stackio.Progress(not (args.quiet or args.json))
     started = time.monotonic()
     backup_id = uuid.uuid4().hex
     with (
         open_atomic(path, SECRET_MODE, force=args.force) as handle,
-        tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as out,
+        _sink(handle, passphrase) as sink,
+        tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as out,
     ):
         # First, like SQLite's snapshot below: artifacts listed later include all it names.
         dumped = None
@@ -153,8 +165,19 @@ def backup(args) -> int:
         stackio.copy_member(out, archive.MANIFEST, len(data), io.BytesIO(data))
     progress.end()
     report = _backup_report(path, manifest, previous, time.monotonic() - started)
+    report["encrypted"] = encrypt
     stackio.print_report(args, report, _backup_line(report))
     return 0
+
+
+@contextlib.contextmanager
+def _sink(handle, passphrase: bytes | None):
+    """Where the tar stream goes: the archive file, or its encryption."""
+    if passphrase is None:
+        yield handle
+    else:
+        with backupcrypt.encrypting(handle, passphrase) as sink:
+            yield sink
 
 
 def _copy_files(args, out: tarfile.TarFile) -> list[dict]:
@@ -205,7 +228,13 @@ def _backup_line(report: dict) -> str:
     needs = report["needs_archives"]
     line = (
         f"backup: wrote {report['archive']} ({stackio.human(report['bytes'])}, "
-        f"{report['seconds']} s, mode 0600: it holds the stack's secrets): "
+        f"{report['seconds']} s, mode 0600: it holds the stack's secrets"
+        + (
+            "; encrypted: without the passphrase it cannot be restored"
+            if report["encrypted"]
+            else ""
+        )
+        + "): "
         f"{counts.get('experiments', 0)} experiments, {counts.get('runs', 0)} runs, "
         f"{counts.get('registered_models', 0)} registered models, {report['artifacts']} "
         f"artifacts ({report['artifacts_copied']} copied"

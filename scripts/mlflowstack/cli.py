@@ -169,13 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="one archive of the database, artifacts, users, secrets and .env",
         description="A consistent snapshot while the stack runs and clients write. Artifacts "
         "an earlier archive in the same directory holds are not copied again (--full copies "
-        "all). The archive holds the stack's secrets: mode 0600, keep it so.",
+        "all). The archive holds the stack's secrets: mode 0600, keep it so. --encrypt "
+        "encrypts it with a passphrase (always a full archive; lose the passphrase and the "
+        "backup is lost).",
     )
     backing.add_argument(
         "--output", metavar="FILE", help="archive path or directory (default: backups/)"
     )
     backing.add_argument("--force", action="store_true", help="replace an existing FILE")
     backing.add_argument("--full", action="store_true", help="copy every artifact again")
+    backing.add_argument(
+        "--encrypt", action="store_true",
+        help="encrypt with a passphrase (asked twice on the terminal, or --passphrase-file)",
+    )  # fmt: skip
+    _passphrase_option(backing)
     _report_options(backing)
     backing.set_defaults(run=backup.backup)
 
@@ -187,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restoring.add_argument("file", metavar="FILE", help="an archive stackctl backup wrote")
     restoring.add_argument("--force", action="store_true", help="replace a stack that is not empty")
+    _passphrase_option(restoring)
+    restoring.add_argument(
+        "--tmp-dir", metavar="DIR",
+        help="where an encrypted FILE is decrypted, privately (default: FILE's directory)",
+    )  # fmt: skip
     _report_options(restoring)
     restoring.set_defaults(run=restore.restore)
 
@@ -306,6 +318,14 @@ def _password_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cost", type=int, default=MIN_BCRYPT_COST, help=f"bcrypt cost (>= {MIN_BCRYPT_COST})"
     )
+
+
+def _passphrase_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--passphrase-file", metavar="FILE",
+        help="the passphrase is this file's first line (mode 0600 or stricter); "
+        "default: asked on the terminal",
+    )  # fmt: skip
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:

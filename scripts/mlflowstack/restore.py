@@ -15,6 +15,11 @@ pairs, and an external database, are refused before anything changes. A dump is 
 in one transaction that checks every table's row count before it commits (pgstore.load: a
 failure leaves the database as it was), then the artifacts; the target keeps its own
 PostgreSQL role and password.
+
+An encrypted archive (backupcrypt's magic) is decrypted first, after its tag is checked over
+the whole file, into a private temporary file (backupcrypt.plain_archive) that all of the above
+reads and that is removed on every exit path; its passphrase comes from ``--passphrase-file`` or
+one prompt.
 """
 
 import contextlib
@@ -24,7 +29,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from mlflowstack import archive, commands, pgstore, stackio
+from mlflowstack import archive, backupcrypt, commands, pgstore, stackio
 from mlflowstack.files import SECRET_MODE, BundleError, create_file
 
 SERVICES = ("nginx", "auth", "server")
@@ -83,10 +88,17 @@ def _load(args, place: str, mode: str, expect: dict, pieces, progress: stackio.P
 
 def restore(args) -> int:
     path = Path(args.file)
+    passphrase_file = getattr(args, "passphrase_file", None)
+    with backupcrypt.plain_archive(path, passphrase_file, getattr(args, "tmp_dir", None)) as plain:
+        return _restore(args, path, plain)
+
+
+def _restore(args, path: Path, plain: Path) -> int:
+    """Restore from ``plain`` (``path`` itself, or its decryption)."""
     progress = stackio.Progress(not (args.quiet or args.json))
     progress.update("restore: verifying the archive and every checksum")
     try:
-        plan = archive.verify_backup(path)
+        plan = archive.verify_backup(plain)
     finally:
         progress.end()
     stackio.require_running(args)
@@ -150,11 +162,12 @@ def restore(args) -> int:
     counts = manifest["database"]["row_counts"]
     report = {
         "archive": str(path),
+        "encrypted": plain != path,
         "backup_id": manifest["backup_id"],
         "created": manifest["created"],
         "mlflow_version": manifest["mlflow_version"],
         "database": kind,
-        "archives_used": [str(p) for p in plan.archives],
+        "archives_used": [str(path if p == plain else p) for p in plan.archives],
         "row_counts": counts,
         "artifacts": len(plan.artifacts),
         "files": sorted(volume_files),
