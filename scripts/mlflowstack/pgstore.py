@@ -169,19 +169,32 @@ def copy_table(line: bytes) -> str | None:
 
 
 # pg_dump 17.6+ brackets its script with these (a random key); no other backslash line.
-_RESTRICT = re.compile(rb"\\(un)?restrict [A-Za-z0-9]{1,128}")
+_RESTRICT = re.compile(rb"\\(un)?restrict ([A-Za-z0-9]{1,128})")
+# A line of COPY data psql would take for the end of restricted mode. pg_dump doubles every
+# backslash of a value and has no escape \u, so no genuine row starts so.
+_UNRESTRICT_ROW = re.compile(rb"(?m)^\\unrestrict")
 
 
 class DumpReader:
     """Reads a plain pg_dump script in chunks (:meth:`feed`) and counts the rows of each COPY
     block; :meth:`finish` returns them, or raises BundleError for a dump that does not start
-    and end as pg_dump's do (one cut short, or not a dump)."""
+    and end as pg_dump's do (one cut short, or not a dump).
+
+    Why psql can be given it: pg_dump 17.6+ opens its script with ``\\restrict KEY``, which
+    makes psql refuse every meta-command (``\\!`` runs a shell in the postgres container) until
+    ``\\unrestrict KEY``. This reader's own view of the script may be fooled (a dollar-quoted
+    string spanning lines that look like a COPY block), psql's is not; so the reader demands
+    that pair around every statement: ``\\restrict`` before the first one, ``\\unrestrict``
+    with the same key only after the end mark and as the very last line, and no line anywhere,
+    COPY data included, that psql could read as an early ``\\unrestrict``."""
 
     def __init__(self):
         self.counts: dict[str, int] = {}
         self._table: str | None = None
         self._rest = b""
         self._started = self._complete = False
+        self._key: bytes | None = None
+        self._unrestricted = False
 
     def feed(self, chunk: bytes) -> None:
         data, start = self._rest + chunk, 0
@@ -195,10 +208,10 @@ class DumpReader:
                     end = end + 1 if end >= 0 else -1
                 if end < 0:
                     cut = data.rfind(b"\n", start) + 1 or start
-                    self.counts[self._table] += data.count(b"\n", start, cut)
+                    self._rows(data, start, cut)
                     start = cut
                     break
-                self.counts[self._table] += data.count(b"\n", start, end)
+                self._rows(data, start, end)
                 self._table, start = None, end + 3
                 continue
             newline = data.find(b"\n", start)
@@ -208,13 +221,30 @@ class DumpReader:
             start = newline + 1
         self._rest = data[start:]
 
+    def _rows(self, data: bytes, start: int, end: int) -> None:
+        """Whole lines ``data[start:end]`` of the current COPY block."""
+        if _UNRESTRICT_ROW.search(data, start, end):
+            raise BundleError("the dump holds a psql command pg_dump does not write: \\unrestrict")
+        self.counts[self._table] += data.count(b"\n", start, end)
+
     def _line(self, line: bytes) -> None:
-        if b"\\" in line and not _RESTRICT.fullmatch(line):
+        restrict = _RESTRICT.fullmatch(line)
+        if (b"\\" in line and not restrict) or (self._unrestricted and line.strip()):
             # psql runs a backslash outside quotes anywhere in a line as its own command (\!
             # runs a shell): pg_dump writes none outside COPY data but its \restrict pair, so a
             # dump with one was not made by pg_dump, and restore never feeds it to psql.
             raise BundleError(
                 f"the dump holds a psql command pg_dump does not write: {line[:120]!r}"
+            )
+        if restrict:
+            self._bracket(line.startswith(b"\\unrestrict"), restrict[2])
+            return
+        if line.strip() and not line.startswith(b"--") and self._key is None:
+            if not self._started:
+                raise BundleError("the database dump is not a pg_dump script")
+            raise BundleError(
+                "the dump does not open with pg_dump's \\restrict line (pg_dump 17.6 or "
+                "later makes it): restore loads no other"
             )
         if not self._started:
             self._started = line == _STARTS
@@ -227,12 +257,22 @@ class DumpReader:
                 raise BundleError(f"the dump holds the rows of {table!r} twice")
             self._table, self.counts[table] = table, 0
 
+    def _bracket(self, closing: bool, key: bytes) -> None:
+        if not closing and self._key is not None:
+            raise BundleError("the dump holds a second \\restrict line")
+        if closing and (key != self._key or not self._complete or self._unrestricted):
+            raise BundleError("the dump's \\unrestrict line is not pg_dump's last line")
+        if closing:
+            self._unrestricted = True
+        else:
+            self._key = key
+
     def finish(self) -> dict[str, int]:
         if self._rest and self._table is None:
             self._line(self._rest)
         if not self._started:
             raise BundleError("the database dump is not a pg_dump script")
-        if self._table is not None or not self._complete:
+        if self._table is not None or not self._complete or not self._unrestricted:
             raise BundleError("the database dump is incomplete (pg_dump did not finish it)")
         return dict(sorted(self.counts.items()))
 

@@ -358,3 +358,31 @@ def test_dump_reader_psql_command_outside_copy_data_refused(hostile):
 
 def test_dump_reader_backslashes_inside_copy_data_accepted():
     assert read(DUMP, 7) == COUNTS
+
+
+# The attacker review's bypass: psql reads a dollar-quoted string across these lines, so what
+# this reader took for COPY rows ends the string, and psql ran "\! id" as a command.
+DOLLAR_BYPASS = b"SELECT $$\nCOPY public.zz (a) FROM stdin;\n$$;\n\\! id > /tmp/pwned\n\\.\n"
+
+
+@pytest.mark.parametrize("size", [1, 7, 1 << 20])
+@pytest.mark.parametrize(
+    ("original", "replacement", "reason"),
+    [
+        # Without the \restrict pair psql would obey the \! the reader counted as a row.
+        (b"\\restrict abc\n", DOLLAR_BYPASS, "does not open with pg_dump's \\\\restrict"),
+        (b"\\restrict abc\n", b"SELECT 1;\n\\restrict abc\n", "does not open with"),
+        (b"\\unrestrict abc\n", b"", "incomplete"),
+        # An early \unrestrict, where the reader sees COPY data and psql a command.
+        (b"3\n\\.\n", b"3\n\\unrestrict abc\n\\.\n", "psql command pg_dump does not write"),
+        (b"\\unrestrict abc\n", b"\\unrestrict xyz\n", "not pg_dump's last line"),
+        (b"\\unrestrict abc\n", b"\\unrestrict abc\nSELECT 1;\n", "does not write"),
+        (b"SET statement_timeout", b"\\unrestrict abc\nSET statement_timeout", "last line"),
+        (b"SET statement_timeout", b"\\restrict abc\nSET statement_timeout", "second"),
+    ],
+)
+def test_dump_reader_restrict_pair_missing_or_moved_refused(original, replacement, reason, size):
+    """Only psql's restricted mode is sure to refuse a meta-command the reader misread."""
+    assert original in DUMP
+    with pytest.raises(BundleError, match=reason):
+        read(DUMP.replace(original, replacement, 1), size)
