@@ -12,6 +12,7 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import start
 import yaml
 from mlflowstack import users
 
@@ -277,3 +278,11 @@ def test_mlflow_values_hardened_as_compose_server():
     assert context["allowPrivilegeEscalation"] is False
     mounts = {m["mountPath"] for m in chart["extraVolumeMounts"]}
     assert mounts == {entry.split(":")[0] for entry in server["tmpfs"]}
+
+
+def test_mlflow_values_allowed_hosts_as_start_derives_from_public_hostname():
+    env = {e["name"]: e["value"] for e in container("nginx")["env"]}
+    expected = start.security_environment(env["PUBLIC_HOSTNAME"])
+    extra = values()["extraEnvVars"]
+    for name, value in expected.items():
+        assert extra[name] == value, name
