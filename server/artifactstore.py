@@ -29,6 +29,16 @@ multipart routes answer MLflow's own 501, and clients stream through the proxy.
 clients can reach the bucket; the routes stay behind the same roles: minting an upload URL is a
 write, a download URL a read).
 
+Confinement: after ``confine()`` (each worker, gunicorn.conf.py) this process opens artifacts
+only inside its destination. Every artifact repository MLflow builds in the server goes through
+one registry; the wrapper refuses, before any is built, a location that is not the destination
+or below it (a ``..`` segment is refused outright), whatever its scheme. ``runs:/`` and
+``models:/`` pass, as they resolve to another location, which is checked in its turn. Why: a
+run's ``artifact_uri`` and a model version's ``source`` are data, set through the API (a
+version's source is free text) or by a restored archive, and MLflow serves a run's files from
+wherever its location points: ``file:///run/secrets`` listed the database password to any
+viewer, and ``s3://another-bucket/...`` would read with the server's cloud credentials.
+
 Raises SettingError (one line, no secret) on a URI of another scheme, a malformed bucket or
 prefix, an endpoint that is not http(s)://host[:port], or an image without the scheme's SDK
 (``SERVER_EXTRA_PACKAGES``). Why so strict: the values become environment variables that the
@@ -38,6 +48,7 @@ SDKs parse, and a typo would otherwise surface as a 500 on the first upload, not
 import importlib.util
 import os
 import re
+from urllib.parse import unquote, urlsplit
 
 from backendstore import SettingError
 
@@ -151,6 +162,61 @@ def install(env=None) -> None:
         return
     for name in ("MultipartUploadMixin", "MultipartDownloadMixin", "PresignedUploadMixin"):
         setattr(handlers, name, _NoRepository)
+
+
+# Locations that name another one, which the registry is asked for in its turn.
+_RESOLVED_LATER = {"runs", "models"}
+CONFINED = "this server opens artifacts only in its own artifact store"
+
+
+def _location(uri: str) -> tuple[str, str, str]:
+    """(scheme, bucket or host, path) of ``uri``; a plain path is a local file."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive, never ours
+        host = parts.netloc.lower() if scheme == "file" else ""
+        host = "" if host == "localhost" else host  # another host is never this container
+        return "file", host, unquote(parts.path if scheme == "file" else uri)
+    return scheme, parts.netloc.lower(), unquote(parts.path)
+
+
+def confinement_problem(uri: str, destination: str) -> str | None:
+    """Why the server may not open ``uri`` (CONFINED), or None: it is ``destination`` or below
+    it, or a ``runs:/``/``models:/`` URI (see the module's contract)."""
+    if not isinstance(uri, str):
+        return CONFINED
+    scheme, place, path = _location(uri)
+    if scheme in _RESOLVED_LATER:
+        return None
+    if ".." in path.split("/") or "\\" in path or "\0" in path:
+        return CONFINED
+    root_scheme, root_place, root_path = _location(destination)
+    if (scheme, place) != (root_scheme, root_place):
+        return CONFINED
+    root = "/" + root_path.strip("/")
+    path = "/" + path.strip("/")
+    if root != "/" and path != root and not path.startswith(root + "/"):
+        return CONFINED
+    return None
+
+
+def confine(env=None) -> None:
+    """Wrap MLflow's artifact repository registry (see the module's contract)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+    from mlflow.store.artifact import artifact_repository_registry
+
+    destination = (os.environ if env is None else env)["MLFLOW_ARTIFACTS_DESTINATION"]
+    registry = artifact_repository_registry._artifact_repository_registry
+    original = registry.get_artifact_repository
+
+    def confined(artifact_uri, *args, **kwargs):
+        problem = confinement_problem(artifact_uri, destination)
+        if problem:
+            raise MlflowException(problem, error_code=PERMISSION_DENIED)
+        return original(artifact_uri, *args, **kwargs)
+
+    registry.get_artifact_repository = confined
 
 
 def is_local(env: dict[str, str]) -> bool:

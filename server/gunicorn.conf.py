@@ -48,6 +48,8 @@ def post_worker_init(worker):
     storefull.install()
     # An object store's bytes go through the proxy, not presigned URLs (artifactstore.py).
     artifactstore.install()
+    # Artifacts are opened in the stack's artifact store only, whatever a run names.
+    artifactstore.confine()
     # No "Server: uvicorn" banner (nginx never passes it on, but the server's own address
     # answers the backend network's other containers too). uvicorn builds its default headers
     # from this when the worker starts serving, after this hook; gunicorn's own Server header

@@ -167,3 +167,61 @@ def test_artifact_store_environment_presigned_urls_not_boolean_refused(tmp_path,
     env = _env(tmp_path, "s3://bucket-1", ARTIFACTS_PRESIGNED_URLS="yes please")
     with pytest.raises(SettingError, match="^ARTIFACTS_PRESIGNED_URLS: "):
         artifactstore.artifact_store_environment(env)
+
+
+@pytest.mark.parametrize(
+    ("uri", "destination"),
+    [
+        (LOCAL, LOCAL),
+        (f"{LOCAL}/1/abc/artifacts", LOCAL),
+        (f"file://{LOCAL}/1/abc/artifacts/model", LOCAL),
+        (f"file://localhost{LOCAL}/1", f"file://{LOCAL}"),
+        ("s3://team-bucket/mlflow/1/abc/artifacts", "s3://team-bucket/mlflow"),
+        ("s3://team-bucket/anything", "s3://team-bucket"),
+        ("runs:/abc/model", LOCAL),  # resolved to a location, which is checked in turn
+        ("models:/m-123", LOCAL),
+    ],
+)
+def test_confinement_problem_inside_destination_none(uri, destination):
+    assert artifactstore.confinement_problem(uri, destination) is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "destination"),
+    [
+        # The attacker review: a restored run whose artifact_uri lists the server's secrets.
+        ("file:///var/lib/mlflow-stack", LOCAL),
+        ("file:///run/secrets", LOCAL),
+        ("/var/lib/mlflow/artifacts-other/x", LOCAL),
+        (f"{LOCAL}/../../../etc", LOCAL),
+        (f"file://{LOCAL}/%2e%2e/%2e%2e/db", LOCAL),
+        (f"file://evil.example{LOCAL}/1", LOCAL),
+        ("s3://team-bucket/mlflow/1", LOCAL),
+        # ... and a model version's free-text source read with the server's cloud credentials.
+        ("s3://another-bucket/other-team/model", "s3://team-bucket/mlflow"),
+        ("s3://team-bucket/mlflow-other/model", "s3://team-bucket/mlflow"),
+        ("gs://team-bucket/mlflow/1", "s3://team-bucket/mlflow"),
+        ("s3://team-bucket/mlflow/../x", "s3://team-bucket/mlflow"),
+        ("http://169.254.169.254/latest", LOCAL),
+        ("mlflow-artifacts://elsewhere.example/x", LOCAL),
+        (None, LOCAL),
+    ],
+)
+def test_confinement_problem_outside_destination_refused(uri, destination):
+    assert artifactstore.confinement_problem(uri, destination) == artifactstore.CONFINED
+
+
+def test_confine_registry_refuses_outside_builds_inside(tmp_path, monkeypatch):
+    """Through MLflow's real registry, as the server's handlers reach it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact import artifact_repository_registry as module
+
+    registry = module._artifact_repository_registry
+    monkeypatch.setattr(registry, "get_artifact_repository", registry.get_artifact_repository)
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    artifactstore.confine({"MLFLOW_ARTIFACTS_DESTINATION": str(root)})
+    assert module.get_artifact_repository(str(root / "1")).artifact_dir == str(root / "1")
+    with pytest.raises(MlflowException, match="only in its own artifact store") as refused:
+        module.get_artifact_repository(f"file://{tmp_path}")
+    assert refused.value.get_http_status_code() == 403
