@@ -14,8 +14,9 @@ image itself (``vmtest-vm``) is kept: it is rebuilt from the build cache in a se
 The ship path's VM is the session's (ship_vm and its site, people and state): test_ship_path.py
 converges it, test_ship_tls.py turns HTTPS on and off again, test_ship_backup.py then backs it
 up and restores it; it is removed before the build path's VM starts. The build path (a second
-VM builds the images itself) runs only with VM_TEST_BUILD=1, as .ci/run sets it. Every converge's output is kept in test-output/vm/, and
-the time of each phase is printed at the end of the run.
+VM builds the images itself) runs only with VM_TEST_BUILD=1, as .ci/run sets it. Every
+converge's output is kept in test-output/vm/, and the time of each phase is printed at the end
+of the run.
 """
 
 import secrets
