@@ -12,10 +12,11 @@ ship path's images, which the playbook builds on this machine under VM_TEST_PROJ
 image itself (``vmtest-vm``) is kept: it is rebuilt from the build cache in a second.
 
 The ship path's VM is the session's (ship_vm and its site, people and state): test_ship_path.py
-converges it, test_ship_backup.py then backs it up and restores it; it is removed before the
-build path's VM starts. The build path (a second VM builds the images itself) runs only with
-VM_TEST_BUILD=1, as .ci/run sets it. Every converge's output is kept in test-output/vm/, and
-the time of each phase is printed at the end of the run.
+converges it, test_ship_tls.py turns HTTPS on and off again, test_ship_backup.py then backs it
+up and restores it; it is removed before the build path's VM starts. The build path (a second
+VM builds the images itself) runs only with VM_TEST_BUILD=1, as .ci/run sets it. Every
+converge's output is kept in test-output/vm/, and the time of each phase is printed at the end
+of the run.
 """
 
 import secrets
@@ -42,7 +43,12 @@ from vmtools import (
 
 # The order the modules run in: each ship module needs the one before; the build path's VM
 # starts after the ship path's is gone.
-MODULE_ORDER = ["test_ship_path.py", "test_ship_backup.py", "test_build_path.py"]
+MODULE_ORDER = [
+    "test_ship_path.py",
+    "test_ship_tls.py",
+    "test_ship_backup.py",
+    "test_build_path.py",
+]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,6 +30,9 @@ VM_USER = "ops"
 # Inside the VM the stack listens on every interface at this port; only the VM container's
 # port mapping publishes it, on 127.0.0.1.
 VM_HTTP_PORT = 8080
+# The same for HTTPS (published by the VM container always; the stack listens there only
+# while TLS_MODE is on).
+VM_HTTPS_PORT = 8443
 
 # Verified on these machines (see ../shared/README.md): --privileged fails; these boot systemd
 # and let Docker run inside.
@@ -106,7 +109,9 @@ class VM:
         self.key = key
         self.ssh_port = free_port()
         self.http_port = free_port()
+        self.https_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.https_url = f"https://127.0.0.1:{self.https_port}"
 
     def start(self) -> None:
         run(["docker", "volume", "create", "--label", "vmtest=1", self.volume])
@@ -116,6 +121,7 @@ class VM:
             "-v", f"{self.volume}:/var/lib/docker",
             "-p", f"127.0.0.1:{self.ssh_port}:22",
             "-p", f"127.0.0.1:{self.http_port}:{VM_HTTP_PORT}",
+            "-p", f"127.0.0.1:{self.https_port}:{VM_HTTPS_PORT}",
             "-e", f"AUTHORIZED_KEY={self.key.with_suffix('.pub').read_text().strip()}",
             VM_IMAGE,
         ])  # fmt: skip
