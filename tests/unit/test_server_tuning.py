@@ -35,6 +35,9 @@ for name, env in scenarios.items():
                 "frozen": gc.get_freeze_count() > 0,
                 "chunk_size": FileResponse.chunk_size,
                 "call_module": FileResponse.__call__.__module__,
+                "confined": __import__(
+                    "mlflow.store.artifact.artifact_repository_registry", fromlist=["x"]
+                )._artifact_repository_registry.get_artifact_repository.__name__,
             }
             print(json.dumps({name: result}), flush=True)
         finally:
@@ -57,7 +60,8 @@ def start_early() -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=cwd,
-        env={"PATH": "/usr/bin:/bin"},
+        # The image sets the artifact destination; confine() reads it.
+        env={"PATH": "/usr/bin:/bin", "MLFLOW_ARTIFACTS_DESTINATION": f"{cwd}/artifacts"},
     )
     _started.append((run, cwd))
     # Also when no test gets to wait for it (a failure with -x, an interrupt).
@@ -108,3 +112,8 @@ def test_pinned_mlflow_still_imports_its_auth_app_in_runs_search():
     search = source[source.index("def search_runs_impl(") :]
     search = search[: search.index("\ndef ")]
     assert "from mlflow.server import auth" in search
+
+
+def test_post_worker_init_confines_artifact_repositories(hook):
+    """artifactstore.confine wraps the registry every artifact repository comes from."""
+    assert hook["default"]["confined"] == "confined"
