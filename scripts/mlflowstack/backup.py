@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,8 +51,9 @@ def bundle_version(project_dir: Path) -> str:
 
 
 def output_path(args, now: datetime.datetime) -> Path:
-    """``--output`` (a directory gets a new file named by the time, ``.tar.enc`` when
-    encrypted), default ``backups/``."""
+    """``--output`` (an existing directory, or a path ending in ``/``, which is made mode 0700
+    if missing, gets a new file named by the time, ``.tar.enc`` when encrypted; any other path
+    is the archive's), default ``backups/``."""
     name = now.strftime("mlflow-backup-%Y%m%dT%H%M%SZ.tar")
     name += ".enc" if getattr(args, "encrypt", False) else ""
     if args.output is None:
@@ -59,6 +61,9 @@ def output_path(args, now: datetime.datetime) -> Path:
         directory.mkdir(mode=0o700, exist_ok=True)
         return directory / name
     path = Path(args.output)
+    if str(args.output).endswith(("/", os.sep)) and not path.is_dir():
+        # The newcomer review: "--output DIR/" wrote a file named DIR.
+        path.mkdir(mode=0o700, parents=True)
     return path / name if path.is_dir() else path
 
 

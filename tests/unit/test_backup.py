@@ -778,3 +778,17 @@ def test_one_off_command_server_never_built_on_any_compose_version():
     assert "--pull" not in stackio._agent_command(
         types.SimpleNamespace(project_dir=REPO), "server-run", ("load-server",), stackio.AGENT
     )
+
+
+def test_output_path_trailing_slash_makes_directory_new_file_inside(tmp_path):
+    """Newcomer review: "--output /srv/backups/" on a missing directory wrote a file there."""
+    import argparse
+    import datetime
+
+    now = datetime.datetime(2026, 11, 29, 4, 5, 6, tzinfo=datetime.UTC)
+    args = argparse.Namespace(output=f"{tmp_path}/backups/", project_dir=None, encrypt=False)
+    path = backup.output_path(args, now)
+    assert path == tmp_path / "backups" / "mlflow-backup-20261129T040506Z.tar"
+    assert stat.S_IMODE((tmp_path / "backups").stat().st_mode) == 0o700
+    args.output = str(tmp_path / "archive.tar")
+    assert backup.output_path(args, now) == tmp_path / "archive.tar"
