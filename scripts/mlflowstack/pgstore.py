@@ -89,9 +89,17 @@ INSPECT_SQL = (
     "'registered_models', (SELECT count(*) FROM registered_models))"
 )
 # Before the dump, in the load's transaction: an empty public schema as a new database has it
-# (owner pg_database_owner, USAGE for everyone), whatever the target held.
+# (owner pg_database_owner, USAGE for everyone), whatever the target held, and no other schema
+# of the loading role (MLflow uses public only; another one left behind, by a hand-made dump
+# for instance, would otherwise outlive the restore with its functions, into later backups).
 RESTORE_BEGIN = b"""SET client_min_messages = warning;
 BEGIN;
+DO $stackctl$ DECLARE name text; BEGIN
+  FOR name IN SELECT nspname FROM pg_catalog.pg_namespace
+      WHERE nspowner = current_user::regrole AND nspname <> 'public'
+        AND nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
+  LOOP EXECUTE format('DROP SCHEMA %I CASCADE', name); END LOOP;
+END $stackctl$;
 DROP SCHEMA public CASCADE;
 CREATE SCHEMA public AUTHORIZATION pg_database_owner;
 GRANT USAGE ON SCHEMA public TO PUBLIC;
