@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import re
+import secrets
 import tarfile
 import tempfile
 from pathlib import Path
@@ -88,13 +89,24 @@ INSPECT_SQL = (
     "'runs', (SELECT count(*) FROM runs), "
     "'registered_models', (SELECT count(*) FROM registered_models))"
 )
+# Session defaults a dump may have set on the role or the database (ALTER ROLE/DATABASE ...
+# SET): a read-only default, a search_path that hands a superuser's session to the role's
+# functions. pg_dump --no-owner writes none; reset before and after every load.
+RESET_SETTINGS = b"""ALTER ROLE CURRENT_USER RESET ALL;
+DO $stackctl$ BEGIN
+  EXECUTE format('ALTER DATABASE %I RESET ALL', current_database());
+END $stackctl$;
+"""
 # Before the dump, in the load's transaction: an empty public schema as a new database has it
 # (owner pg_database_owner, USAGE for everyone), whatever the target held, and no other schema
 # of the loading role (MLflow uses public only; another one left behind, by a hand-made dump
 # for instance, would otherwise outlive the restore with its functions, into later backups).
-RESTORE_BEGIN = b"""SET client_min_messages = warning;
+RESTORE_BEGIN = (
+    b"""SET client_min_messages = warning;
 BEGIN;
-DO $stackctl$ DECLARE name text; BEGIN
+"""
+    + RESET_SETTINGS
+    + b"""DO $stackctl$ DECLARE name text; BEGIN
   FOR name IN SELECT nspname FROM pg_catalog.pg_namespace
       WHERE nspowner = current_user::regrole AND nspname <> 'public'
         AND nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
@@ -105,6 +117,7 @@ CREATE SCHEMA public AUTHORIZATION pg_database_owner;
 GRANT USAGE ON SCHEMA public TO PUBLIC;
 COMMENT ON SCHEMA public IS 'standard public schema';
 """
+)
 _COMPLETE = b"-- PostgreSQL database dump complete"
 _STARTS = b"-- PostgreSQL database dump"
 
@@ -347,23 +360,59 @@ def restore_check(expected: dict[str, int]) -> bytes:
     ).encode()
 
 
+def own_restrict_line() -> bytes:
+    """psql's restricted mode under a key of our own, never sent again: the dump's key is the
+    dump's author's, so a line the reader misread (a dollar-quoted string, a CR before a COPY
+    end mark) could say ``\\unrestrict`` with it; ours nobody knows, and psql stays restricted
+    to the end of its input."""
+    return b"\\restrict " + secrets.token_hex(32).encode() + b"\n"
+
+
+class _WithoutBrackets:
+    """The dump's lines as they go to psql, less its own ``\\restrict``/``\\unrestrict``
+    lines (psql, restricted already under our key, would refuse them); any other line as is."""
+
+    def __init__(self):
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._rest + chunk
+        cut = data.rfind(b"\n") + 1
+        self._rest = data[cut:]
+        return self._filter(data[:cut])
+
+    def end(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        return self._filter(rest)
+
+    @staticmethod
+    def _filter(lines: bytes) -> bytes:
+        if b"restrict " not in lines:
+            return lines
+        return b"".join(
+            line
+            for line in lines.splitlines(keepends=True)
+            if not _RESTRICT.fullmatch(line.rstrip(b"\n"))
+        )
+
+
 def load(args, piece, expected: dict[str, int], progress: stackio.Progress) -> None:
     """See the module's contract. ``piece`` (archive.Piece) names the dump in its archive."""
-    digest, sent = hashlib.sha256(), 0
+    digest, sent, lines = hashlib.sha256(), 0, _WithoutBrackets()
     # Broken pipe: psql stopped at an error (its exit status and line say which).
     with (
         stackio.agent(args, "postgres", *PSQL, "-o", "/dev/null") as psql,
         contextlib.suppress(BrokenPipeError),
     ):
-        psql.stdin.write(RESTORE_BEGIN)
+        psql.stdin.write(own_restrict_line() + RESTORE_BEGIN)
         with tarfile.open(piece.archive, "r:") as source:
             member = source.extractfile(piece.member)
             while chunk := member.read(CHUNK):
                 digest.update(chunk)
-                psql.stdin.write(chunk)
+                psql.stdin.write(lines.feed(chunk))
                 sent += len(chunk)
                 progress.update(f"restore: database, {stackio.human(sent)} loaded")
-        psql.stdin.write(restore_check(expected))
+        psql.stdin.write(lines.end() + RESET_SETTINGS + restore_check(expected))
         if digest.hexdigest() == piece.sha256:
             psql.stdin.write(b"COMMIT;\n")
         psql.stdin.close()

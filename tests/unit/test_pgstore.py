@@ -6,6 +6,7 @@ or records what it was sent. The real psql and pg_dump: tests/stack/test_postgre
 
 import io
 import json
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -274,7 +275,15 @@ def test_restore_postgres_archive_one_transaction_commit_last(stack, psql, tmp_p
     assert status == 0, err
     assert json.loads(out)["database"] == "postgresql"
     sent = psql["sent"].read_bytes()
-    assert sent == pgstore.RESTORE_BEGIN + DUMP + pgstore.restore_check(COUNTS) + b"COMMIT;\n"
+    # psql restricted under a key of stackctl's own, the dump without its own bracket lines.
+    own, rest = sent.split(b"\n", 1)
+    assert re.fullmatch(rb"\\restrict [0-9a-f]{64}", own) and own != b"\\restrict abc"
+    dump = DUMP.replace(b"\\restrict abc\n", b"").replace(b"\\unrestrict abc\n", b"")
+    assert rest == (
+        pgstore.RESTORE_BEGIN + dump + pgstore.RESET_SETTINGS + pgstore.restore_check(COUNTS)
+        + b"COMMIT;\n"
+    )  # fmt: skip
+    assert own not in rest and b"unrestrict" not in sent
     assert snapshot(fresh["artifacts"]) == snapshot(stack["artifacts"])
     # The SQLite file of a postgres-profile stack is not the database: left as it was.
     assert (fresh["db"] / "mlflow.db").read_bytes() != (stack["db"] / "mlflow.db").read_bytes()
@@ -334,7 +343,8 @@ def test_load_bytes_differ_from_verified_sha256_no_commit_sent(stack, psql, tmp_
     with pytest.raises(BundleError, match="changed since it was verified; the database is unch"):
         pgstore.load(None, changed, COUNTS, stackio.Progress(False))
     sent = psql["sent"].read_bytes()
-    assert sent.startswith(pgstore.RESTORE_BEGIN) and b"COMMIT;" not in sent
+    assert sent.split(b"\n", 1)[1].startswith(pgstore.RESTORE_BEGIN)
+    assert b"COMMIT;" not in sent
 
 
 @pytest.mark.parametrize(
@@ -386,3 +396,22 @@ def test_dump_reader_restrict_pair_missing_or_moved_refused(original, replacemen
     assert original in DUMP
     with pytest.raises(BundleError, match=reason):
         read(DUMP.replace(original, replacement, 1), size)
+
+
+def test_own_restrict_line_fresh_key_each_load():
+    first, second = pgstore.own_restrict_line(), pgstore.own_restrict_line()
+    assert re.fullmatch(rb"\\restrict [0-9a-f]{64}\n", first) and first != second
+
+
+@pytest.mark.parametrize("size", [1, 5, 64, 1 << 20])
+def test_without_brackets_drops_only_whole_bracket_lines(size):
+    """The attacker re-review's ways out of restricted mode carried the dump's own key; psql
+    now runs under stackctl's key, and the dump's bracket lines go (any other stays, for psql
+    to refuse: " \\unrestrict abc" is not a bracket line)."""
+    data = DUMP + b"x \\unrestrict abc\n \\unrestrict abc\n\\unrestrict abc"
+    lines, out = pgstore._WithoutBrackets(), b""
+    for start in range(0, len(data), size):
+        out += lines.feed(data[start : start + size])
+    out += lines.end()
+    expected = DUMP.replace(b"\\restrict abc\n", b"").replace(b"\\unrestrict abc\n", b"")
+    assert out == expected + b"x \\unrestrict abc\n \\unrestrict abc\n"
