@@ -11,6 +11,8 @@ first and change nothing there. Last, ``stackctl upgrade`` of an unchanged tree 
 stack succeeds and keeps the data. The stacks are shared by the module's tests (in this order).
 """
 
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -170,6 +172,56 @@ def test_restore_sqlite_archive_onto_postgres_refused(stack, target, tmp_path):
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert "holds a SQLite database" in refused.stderr
     assert "stackctl migrate-to-postgres" in refused.stderr
+    assert counts(target) == before
+
+
+MARKER = "/var/lib/postgresql/data/stackctl-restore-ran-a-shell"
+
+
+def _crafted(path: Path, out: Path) -> Path:
+    """``path`` with the attacker re-review's dump: a dollar-quoted string the reader takes for
+    a COPY block hides ``\\unrestrict`` with the dump's own key, then ``\\!`` writes MARKER;
+    the manifest's size, sha256 and row counts made to match, as an attacker would."""
+    with tarfile.open(path) as source:
+        members = {m.name: source.extractfile(m).read() for m in source if m.isreg()}
+    manifest = json.loads(members["manifest.json"])
+    dump = members[pgstore.DUMP_MEMBER]
+    key = dump.split(b"\\restrict ", 1)[1].split(b"\n", 1)[0]
+    payload = (
+        b"SELECT $x$\nCOPY public.t (a) FROM stdin;\n$x$; \\unrestrict " + key + b"\n"
+        b"\\! id > " + MARKER.encode() + b"\n\\restrict " + key + b"\nSELECT $y$\n\\.\n$y$;\n"
+    )
+    end = dump.index(b"--\n-- PostgreSQL database dump complete")
+    dump = dump[:end] + payload + dump[end:]
+    members[pgstore.DUMP_MEMBER] = dump
+    database = manifest["database"]
+    database["size"], database["sha256"] = len(dump), hashlib.sha256(dump).hexdigest()
+    database["row_counts"]["t"] = 4
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(out, "w") as crafted:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o600
+            crafted.addfile(info, io.BytesIO(data))
+    out.chmod(0o600)
+    return out
+
+
+def test_restore_crafted_dump_runs_no_shell_target_unchanged(
+    backup_made_while_writing, target, tmp_path
+):
+    """From the far side: whatever an archive holds, psql in the postgres container runs no
+    command of it (a shell there is the cluster's superuser, over the local socket)."""
+    path, _, _, _ = backup_made_while_writing
+    crafted = _crafted(path, tmp_path / "crafted.tar")
+    with tarfile.open(crafted) as archive:
+        dump = archive.extractfile(pgstore.DUMP_MEMBER).read()
+    assert pgstore.check_dump(io.BytesIO(dump))["t"] == 4  # the reader is fooled
+    before = counts(target)
+    result = host_stackctl(target.env, "restore", "--force", str(crafted))
+    assert result.returncode == 1, result.stdout[-500:]
+    shell = target.compose("exec", "-T", "postgres", "ls", "/var/lib/postgresql/data")
+    assert "stackctl-restore-ran-a-shell" not in shell
     assert counts(target) == before
 
 
