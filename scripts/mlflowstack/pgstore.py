@@ -59,6 +59,10 @@ _HEADER_LIMIT = 1 << 20
 # password, no ~/.psqlrc, stop at the first error, errors on one line.
 PSQL = ("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=terse",
         "-U", "mlflow", "-d", "mlflow")  # fmt: skip
+# psql for a restore: unable to start any process (its own user's count is over a limit of
+# one), so no backtick or shell escape in what it reads runs, whatever got past the checks.
+# The container's user is not root, so the kernel enforces it; psql itself never forks.
+PSQL_NO_PROCESSES = ("prlimit", "--nproc=1", "--", *PSQL)
 # Rows of every table outside PostgreSQL's own schemas, as JSON {table: rows} (tables of a
 # schema other than public as "schema.table"). Unqualified names resolve in pg_catalog even
 # under the dump's empty search_path.
@@ -95,7 +99,15 @@ INSPECT_SQL = (
 RESET_SETTINGS = b"""ALTER ROLE CURRENT_USER RESET ALL;
 DO $stackctl$ BEGIN
   EXECUTE format('ALTER DATABASE %I RESET ALL', current_database());
+  EXECUTE format('ALTER ROLE CURRENT_USER IN DATABASE %I RESET ALL', current_database());
 END $stackctl$;
+"""
+# The load's own session, whatever defaults an earlier load left on the role or database.
+SESSION_SETTINGS = b"""SET default_transaction_read_only = off;
+SET statement_timeout = 0;
+SET lock_timeout = 0;
+SET idle_in_transaction_session_timeout = 0;
+SET transaction_timeout = 0;
 """
 # Before the dump, in the load's transaction: an empty public schema as a new database has it
 # (owner pg_database_owner, USAGE for everyone), whatever the target held, and no other schema
@@ -103,7 +115,9 @@ END $stackctl$;
 # for instance, would otherwise outlive the restore with its functions, into later backups).
 RESTORE_BEGIN = (
     b"""SET client_min_messages = warning;
-BEGIN;
+"""
+    + SESSION_SETTINGS
+    + b"""BEGIN;
 """
     + RESET_SETTINGS
     + b"""DO $stackctl$ DECLARE name text; BEGIN
@@ -112,6 +126,8 @@ BEGIN;
         AND nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
   LOOP EXECUTE format('DROP SCHEMA %I CASCADE', name); END LOOP;
 END $stackctl$;
+SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata
+  WHERE lomowner = current_user::regrole;
 DROP SCHEMA public CASCADE;
 CREATE SCHEMA public AUTHORIZATION pg_database_owner;
 GRANT USAGE ON SCHEMA public TO PUBLIC;
@@ -191,9 +207,12 @@ def copy_table(line: bytes) -> str | None:
 
 # pg_dump 17.6+ brackets its script with these (a random key); no other backslash line.
 _RESTRICT = re.compile(rb"\\(un)?restrict ([A-Za-z0-9]{1,128})")
-# A line of COPY data psql would take for the end of restricted mode. pg_dump doubles every
-# backslash of a value and has no escape \u, so no genuine row starts so.
-_UNRESTRICT_ROW = re.compile(rb"(?m)^\\unrestrict")
+# A backslash and what follows it in COPY data. COPY TO writes only these escapes (a value's
+# own backslash doubled, the control characters \b \f \n \r \t \v, and \N for NULL): a row
+# with any other (\u of \unrestrict, \. before a CR, a backslash ending a line) is not
+# pg_dump's, and psql could read it as a command where this reader's view and psql's differ.
+_COPY_ESCAPE = re.compile(rb"\\(.)", re.S)
+_COPY_ESCAPES = frozenset(b"\\bfnrtvN")
 
 
 class DumpReader:
@@ -206,8 +225,11 @@ class DumpReader:
     ``\\unrestrict KEY``. This reader's own view of the script may be fooled (a dollar-quoted
     string spanning lines that look like a COPY block), psql's is not; so the reader demands
     that pair around every statement: ``\\restrict`` before the first one, ``\\unrestrict``
-    with the same key only after the end mark and as the very last line, and no line anywhere,
-    COPY data included, that psql could read as an early ``\\unrestrict``."""
+    with the same key only after the end mark and as the very last line, no backslash outside
+    COPY data but these, in COPY data only the escapes COPY writes, and no NUL byte (psql ends
+    a line there). load() then runs psql restricted under a key of its own anyway, and unable
+    to start a process (a backtick in ``\\unrestrict``'s argument runs one before the key is
+    compared)."""
 
     def __init__(self):
         self.counts: dict[str, int] = {}
@@ -218,6 +240,8 @@ class DumpReader:
         self._unrestricted = False
 
     def feed(self, chunk: bytes) -> None:
+        if b"\0" in chunk:
+            raise BundleError("the dump holds a NUL byte, which pg_dump never writes")
         data, start = self._rest + chunk, 0
         while True:
             if self._table is not None:
@@ -244,8 +268,11 @@ class DumpReader:
 
     def _rows(self, data: bytes, start: int, end: int) -> None:
         """Whole lines ``data[start:end]`` of the current COPY block."""
-        if _UNRESTRICT_ROW.search(data, start, end):
-            raise BundleError("the dump holds a psql command pg_dump does not write: \\unrestrict")
+        for escape in _COPY_ESCAPE.finditer(data, start, end):
+            if escape[1][0] not in _COPY_ESCAPES:
+                raise BundleError(
+                    f"the dump's COPY data holds an escape COPY does not write: {escape[0]!r}"
+                )
         self.counts[self._table] += data.count(b"\n", start, end)
 
     def _line(self, line: bytes) -> None:
@@ -398,10 +425,10 @@ class _WithoutBrackets:
 
 def load(args, piece, expected: dict[str, int], progress: stackio.Progress) -> None:
     """See the module's contract. ``piece`` (archive.Piece) names the dump in its archive."""
-    digest, sent, lines = hashlib.sha256(), 0, _WithoutBrackets()
+    digest, sent, lines, reader = hashlib.sha256(), 0, _WithoutBrackets(), DumpReader()
     # Broken pipe: psql stopped at an error (its exit status and line say which).
     with (
-        stackio.agent(args, "postgres", *PSQL, "-o", "/dev/null") as psql,
+        stackio.agent(args, "postgres", *PSQL_NO_PROCESSES, "-o", "/dev/null") as psql,
         contextlib.suppress(BrokenPipeError),
     ):
         psql.stdin.write(own_restrict_line() + RESTORE_BEGIN)
@@ -409,6 +436,8 @@ def load(args, piece, expected: dict[str, int], progress: stackio.Progress) -> N
             member = source.extractfile(piece.member)
             while chunk := member.read(CHUNK):
                 digest.update(chunk)
+                # Checked again as it goes: the file verified before may have changed since.
+                reader.feed(chunk)
                 psql.stdin.write(lines.feed(chunk))
                 sent += len(chunk)
                 progress.update(f"restore: database, {stackio.human(sent)} loaded")

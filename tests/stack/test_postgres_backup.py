@@ -178,19 +178,30 @@ def test_restore_sqlite_archive_onto_postgres_refused(stack, target, tmp_path):
 MARKER = "/var/lib/postgresql/data/stackctl-restore-ran-a-shell"
 
 
-def _crafted(path: Path, out: Path) -> Path:
-    """``path`` with the attacker re-review's dump: a dollar-quoted string the reader takes for
-    a COPY block hides ``\\unrestrict`` with the dump's own key, then ``\\!`` writes MARKER;
-    the manifest's size, sha256 and row counts made to match, as an attacker would."""
+# What two attacker reviews hid from the dump's reader in a dollar-quoted string it took for a
+# COPY block: ``\\unrestrict`` with the dump's own key, then ``\\!``; and a backtick in
+# ``\\unrestrict``'s argument, which psql runs before it compares the key.
+PAYLOADS = {
+    "dump's key": (
+        b"SELECT $x$\nCOPY public.t (a) FROM stdin;\n$x$; \\unrestrict KEY\n"
+        b"\\! id > MARKER\n\\restrict KEY\nSELECT $y$\n\\.\n$y$;\n"
+    ),
+    "backtick": (
+        b"SELECT $x$\nCOPY public.t (a) FROM stdin;\n$x$;\nSELECT 1 \\unrestrict `id > MARKER`\n"
+        b"SELECT $y$\n\\.\n$y$;\n"
+    ),
+}
+
+
+def _crafted(path: Path, out: Path, payload: bytes) -> Path:
+    """``path`` with ``payload`` in its dump (KEY: the dump's own), the manifest's size, sha256
+    and row counts made to match, as an attacker would."""
     with tarfile.open(path) as source:
         members = {m.name: source.extractfile(m).read() for m in source if m.isreg()}
     manifest = json.loads(members["manifest.json"])
     dump = members[pgstore.DUMP_MEMBER]
     key = dump.split(b"\\restrict ", 1)[1].split(b"\n", 1)[0]
-    payload = (
-        b"SELECT $x$\nCOPY public.t (a) FROM stdin;\n$x$; \\unrestrict " + key + b"\n"
-        b"\\! id > " + MARKER.encode() + b"\n\\restrict " + key + b"\nSELECT $y$\n\\.\n$y$;\n"
-    )
+    payload = payload.replace(b"KEY", key).replace(b"MARKER", MARKER.encode())
     end = dump.index(b"--\n-- PostgreSQL database dump complete")
     dump = dump[:end] + payload + dump[end:]
     members[pgstore.DUMP_MEMBER] = dump
@@ -207,21 +218,59 @@ def _crafted(path: Path, out: Path) -> Path:
     return out
 
 
-def test_restore_crafted_dump_runs_no_shell_target_unchanged(
-    backup_made_while_writing, target, tmp_path
+def _marker_written(target: PostgresStack) -> bool:
+    listing = target.compose("exec", "-T", "postgres", "ls", "/var/lib/postgresql/data")
+    return Path(MARKER).name in listing.split()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
+def test_restore_crafted_dump_refused_no_shell_target_unchanged(
+    backup_made_while_writing, target, tmp_path, payload
 ):
     """From the far side: whatever an archive holds, psql in the postgres container runs no
     command of it (a shell there is the cluster's superuser, over the local socket)."""
     path, _, _, _ = backup_made_while_writing
-    crafted = _crafted(path, tmp_path / "crafted.tar")
-    with tarfile.open(crafted) as archive:
-        dump = archive.extractfile(pgstore.DUMP_MEMBER).read()
-    assert pgstore.check_dump(io.BytesIO(dump))["t"] == 4  # the reader is fooled
+    crafted = _crafted(path, tmp_path / "crafted.tar", payload)
     before = counts(target)
     result = host_stackctl(target.env, "restore", "--force", str(crafted))
-    assert result.returncode == 1, result.stdout[-500:]
-    shell = target.compose("exec", "-T", "postgres", "ls", "/var/lib/postgresql/data")
-    assert "stackctl-restore-ran-a-shell" not in shell
+    assert result.returncode == 1 and "does not write" in result.stderr, result.stderr
+    assert not _marker_written(target)
+    assert counts(target) == before
+
+
+@pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
+def test_load_psql_runs_no_command_of_a_dump_past_the_reader(
+    backup_made_while_writing, target, payload
+):
+    """The layer under the reader, should a dump ever get past it: the restore's psql itself
+    (restricted under stackctl's own key, and unable to start a process), fed what load()
+    sends with the payload in the dump, runs no command and commits nothing."""
+    path, _, _, _ = backup_made_while_writing
+    with tarfile.open(path) as archive:
+        dump = archive.extractfile(pgstore.DUMP_MEMBER).read()
+    key = dump.split(b"\\restrict ", 1)[1].split(b"\n", 1)[0]
+    end = dump.index(b"--\n-- PostgreSQL database dump complete")
+    dump = (
+        dump[:end] + payload.replace(b"KEY", key).replace(b"MARKER", MARKER.encode()) + dump[end:]
+    )
+    lines = pgstore._WithoutBrackets()
+    sent = (
+        pgstore.own_restrict_line() + pgstore.RESTORE_BEGIN + lines.feed(dump) + lines.end()
+        + pgstore.RESET_SETTINGS + b"COMMIT;\n"
+    )  # fmt: skip
+    before = counts(target)
+    psql = [
+        *target.command,
+        "exec",
+        "-T",
+        "postgres",
+        *pgstore.PSQL_NO_PROCESSES,
+        "-o",
+        "/dev/null",
+    ]
+    result = subprocess.run(psql, input=sent, env=target.env, capture_output=True, check=False)
+    assert result.returncode != 0, result.stderr[-500:]
+    assert not _marker_written(target), result.stderr[-500:]
     assert counts(target) == before
 
 
@@ -275,3 +324,18 @@ def test_upgrade_unchanged_tree_postgres_succeeds_data_kept(target, tmp_path):
     with client_as(target.url, *target.admin()) as client:
         assert client.get_experiment_by_name(EXPERIMENT) is not None
         assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
+
+
+def test_load_psql_starts_no_process_even_unrestricted(target):
+    """The process limit alone, shown on a backtick psql runs when nothing restricts it: the
+    same line through plain psql writes MARKER (so the check can fail), through the restore's
+    psql it cannot."""
+    line = b"\\set x `id > " + MARKER.encode() + b"`\nSELECT 1;\n"
+    base = [*target.command, "exec", "-T", "postgres"]
+    plain = subprocess.run([*base, *pgstore.PSQL], input=line, env=target.env,
+                           capture_output=True, check=False)  # fmt: skip
+    assert _marker_written(target), plain.stderr[-300:]
+    target.compose("exec", "-T", "postgres", "rm", MARKER)
+    limited = subprocess.run([*base, *pgstore.PSQL_NO_PROCESSES], input=line, env=target.env,
+                             capture_output=True, check=False)  # fmt: skip
+    assert not _marker_written(target), limited.stderr[-300:]

@@ -384,7 +384,7 @@ DOLLAR_BYPASS = b"SELECT $$\nCOPY public.zz (a) FROM stdin;\n$$;\n\\! id > /tmp/
         (b"\\restrict abc\n", b"SELECT 1;\n\\restrict abc\n", "does not open with"),
         (b"\\unrestrict abc\n", b"", "incomplete"),
         # An early \unrestrict, where the reader sees COPY data and psql a command.
-        (b"3\n\\.\n", b"3\n\\unrestrict abc\n\\.\n", "psql command pg_dump does not write"),
+        (b"3\n\\.\n", b"3\n\\unrestrict abc\n\\.\n", "an escape COPY does not write"),
         (b"\\unrestrict abc\n", b"\\unrestrict xyz\n", "not pg_dump's last line"),
         (b"\\unrestrict abc\n", b"\\unrestrict abc\nSELECT 1;\n", "does not write"),
         (b"SET statement_timeout", b"\\unrestrict abc\nSET statement_timeout", "last line"),
@@ -415,3 +415,29 @@ def test_without_brackets_drops_only_whole_bracket_lines(size):
     out += lines.end()
     expected = DUMP.replace(b"\\restrict abc\n", b"").replace(b"\\unrestrict abc\n", b"")
     assert out == expected + b"x \\unrestrict abc\n \\unrestrict abc\n"
+
+
+@pytest.mark.parametrize("size", [1, 7, 1 << 20])
+@pytest.mark.parametrize(
+    "inserted",
+    [
+        # The third review: psql runs a backtick in \unrestrict's argument before it compares
+        # the key, so the reader's view and psql's may never differ on a backslash.
+        b"SELECT $x$\nCOPY public.t (a) FROM stdin;\n$x$;\nSELECT 1 \\unrestrict `id`\n\\.\n",
+        b"COPY public.t (a) FROM stdin;\n\\.\r\n \\unrestrict `id`\n\\.\n",
+        b"COPY public.t (a) FROM stdin;\nx \\\\\\u\n\\.\n",
+        b"COPY public.t (a) FROM stdin;\nends in a backslash \\\n\\.\n",
+        b"COPY public.t (a) FROM stdin;\na\0b\n\\.\n",
+    ],
+)
+def test_dump_reader_copy_data_escape_not_of_copy_refused(inserted, size):
+    end = DUMP.index(b"--\n-- PostgreSQL database dump complete")
+    with pytest.raises(BundleError, match="COPY does not write|NUL byte"):
+        read(DUMP[:end] + inserted + DUMP[end:], size)
+
+
+def test_dump_reader_every_escape_copy_writes_accepted():
+    rows = b"\\\\u \\b\\f\\n\\r\\t\\v \\N\n\\\\\\\\unrestrict\n"
+    end = DUMP.index(b"--\n-- PostgreSQL database dump complete")
+    dump = DUMP[:end] + b"COPY public.t (a) FROM stdin;\n" + rows + b"\\.\n" + DUMP[end:]
+    assert read(dump, 3)["t"] == 2
