@@ -100,6 +100,7 @@ RESET_SETTINGS = b"""ALTER ROLE CURRENT_USER RESET ALL;
 DO $stackctl$ BEGIN
   EXECUTE format('ALTER DATABASE %I RESET ALL', current_database());
   EXECUTE format('ALTER ROLE CURRENT_USER IN DATABASE %I RESET ALL', current_database());
+  EXECUTE format('ALTER DATABASE %I CONNECTION LIMIT -1', current_database());
 END $stackctl$;
 """
 # The load's own session, whatever defaults an earlier load left on the role or database.
