@@ -8,14 +8,11 @@ connection count, keep-alive as the MLflow client does; ``render`` gives the tab
 GOAL line (the worst cell's median of per-repetition ratios, target as the plain matrix's).
 """
 
-import random
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 from stackbench.load import Target
-from stackbench.measure import Bench, Results, progress
+from stackbench.measure import Bench, Results, interleaved, progress
 from stackbench.stack import STACK, BenchError, BenchStack
 
 PATHS = ("tls-auth", "tls-noauth")
@@ -49,18 +46,7 @@ def measure(stack: BenchStack, bench: Bench, ops: list[str], levels: list[int], 
             if not result.ok:
                 raise BenchError(f"https: {path} {op}: no 2xx answer ({result.statuses})")
     cell.measure_idle()
-    results: Results = defaultdict(list)
-    shuffle = random.Random(20262).shuffle
-    for connections in levels:
-        started = time.monotonic()
-        for _ in range(reps):
-            for op in ops:
-                order = list(PATHS)
-                shuffle(order)
-                for path in order:
-                    results[(op, connections, path)].append(cell.run(path, op, connections))
-        progress(f"https @{connections} done in {time.monotonic() - started:.0f}s")
-    return restart, dict(results)
+    return restart, interleaved(cell, PATHS, ops, levels, reps, seed=20262, label="https")
 
 
 def ratios(results: Results) -> dict[tuple[str, int], float | None]:

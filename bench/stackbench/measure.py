@@ -155,6 +155,32 @@ def matrix(
     return results
 
 
+def interleaved(
+    bench: Bench,
+    paths: list[str],
+    ops: list[str],
+    levels: list[int],
+    reps: int,
+    seed: int,
+    label: str,
+) -> Results:
+    """``reps`` repetitions per connection level, each running every call on every path, the
+    paths in a shuffled order (``seed``): the side-by-side cells of the https and replicas
+    sections, where two stacks share the machine's slow and fast phases alike."""
+    results: Results = defaultdict(list)
+    shuffle = random.Random(seed).shuffle
+    for connections in levels:
+        started = time.monotonic()
+        for _ in range(reps):
+            for op in ops:
+                order = list(paths)
+                shuffle(order)
+                for path in order:
+                    results[(op, connections, path)].append(bench.run(path, op, connections))
+        progress(f"{label} @{connections} done in {time.monotonic() - started:.0f}s")
+    return dict(results)
+
+
 @dataclasses.dataclass
 class FloodRound:
     """One repetition at one connection count: the valid user alone and under the flood."""

@@ -12,13 +12,9 @@ per-repetition 3-vs-1 ratios. No goal on the ratio: replicas add processes, not 
 replicas without errors, and what a bigger machine gains. The one goal: no non-2xx answer.
 """
 
-import random
-import time
-from collections import defaultdict
-
 from stackbench import api
 from stackbench.load import Target, basic
-from stackbench.measure import Bench, Results, progress
+from stackbench.measure import Bench, Results, interleaved, progress
 from stackbench.stack import ROOT, BenchStack
 
 REPLICAS = (1, 3)
@@ -78,18 +74,7 @@ def measure(project: str, ops: list[str], reps: int, seconds: int, build: bool) 
             for op in ops:
                 cell.run(path, op, max(LEVELS), seconds=1)
         cell.measure_idle()
-        results: Results = defaultdict(list)
-        shuffle = random.Random(20263).shuffle
-        for connections in LEVELS:
-            started = time.monotonic()
-            for _ in range(reps):
-                for op in ops:
-                    order = list(targets)
-                    shuffle(order)
-                    for path in order:
-                        results[(op, connections, path)].append(cell.run(path, op, connections))
-            progress(f"replicas @{connections} done in {time.monotonic() - started:.0f}s")
-        return dict(results)
+        return interleaved(cell, list(targets), ops, LEVELS, reps, seed=20263, label="replicas")
     finally:
         for stack in stacks.values():
             _down(stack)
